@@ -1,0 +1,52 @@
+"""What the transform returns: plain values the adapters (Kafka, files, Faust) write out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """One output record for a month topic or file.
+
+    ``key`` is the account id (UTF-8): billing jobs aggregate per account.
+    ``timestamp_ms`` is the event time, so the broker's time-based retention follows the
+    communication's month, not the moment of processing.
+    """
+
+    index: int  # position of the source record in the input batch
+    month: str  # YYYY-MM
+    key: bytes
+    timestamp_ms: int
+    value: bytes  # one JSON object
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An input record that failed validation, kept byte for byte.
+
+    ``reason`` is a stable, bounded code (metric label, header value); ``message`` says
+    what was expected. Neither ever holds an identifier's value.
+    """
+
+    index: int
+    reason: str
+    field: str | None
+    message: str
+    original: bytes
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """The outcome of one batch: every input index appears in exactly one of
+    ``sanitised`` (identifiable or stripped) or ``rejected``; ``sealed`` holds one record
+    per identifiable (not stripped) input."""
+
+    sealed: list[OutRecord] = field(default_factory=list)
+    sanitised: list[OutRecord] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    # Records whose identifiers were stripped because their month is past its identifier
+    # deadline: in ``sanitised`` without pseudonyms, not in ``sealed``.
+    stripped: int = 0
+    # Key ids (YYYY-MM/class) the batch sealed under; the runner makes sure their topics exist.
+    months: set[str] = field(default_factory=set)
