@@ -1,0 +1,132 @@
+"""``cdranon keys``: list the month keys of a keystore, destroy one.
+
+Neither command needs the master key: listing reads only metadata, and destruction must
+work even when the master key is lost (that is when an operator most wants it to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from service.errors import ConfigError
+from service.keystore import (
+    ENV_KEYSTORE,
+    KeyInfo,
+    KeyState,
+    Keystore,
+    default_keystore_url,
+    key_id,
+    open_keystore,
+)
+from service.months import parse_month
+
+_COLUMNS = ("KEY ID", "STATE", "CREATED", "DESTROYED", "BACKEND")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``keys list`` and ``keys destroy`` to the ``cdranon`` parser."""
+    keys = subparsers.add_parser(
+        "keys",
+        help="list or destroy month keys",
+        description="List the month keys of a keystore, or destroy one (cryptographic erasure).",
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    keys_sub.required = True
+
+    ls = keys_sub.add_parser("list", help="list every key, active or destroyed")
+    _add_keystore_flag(ls)
+    ls.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    ls.set_defaults(func=run_list)
+
+    de = keys_sub.add_parser(
+        "destroy",
+        help="destroy a month key for good",
+        description=(
+            "Destroy the key of one month and retention class. Every identifier sealed "
+            "under it, in every copy of the sealed data, becomes unrecoverable, and the "
+            "month can never get a key again. There is no undo."
+        ),
+    )
+    de.add_argument("--month", required=True, metavar="YYYY-MM", help="the month, e.g. 2025-11")
+    de.add_argument(
+        "--class",
+        dest="retention_class",
+        default="default",
+        metavar="C",
+        help="retention class of the key (default: %(default)s)",
+    )
+    _add_keystore_flag(de)
+    de.add_argument("--yes", action="store_true", help="confirm: destruction cannot be undone")
+    de.set_defaults(func=run_destroy)
+
+
+def _add_keystore_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keystore",
+        metavar="URL",
+        default=None,
+        help=f"keystore URL, e.g. file:///var/lib/cdranon/keys (default: ${ENV_KEYSTORE}, "
+        "else file://${CDRANON_HOME:-~/.local/share/cdranon}/keys)",
+    )
+
+
+def _keystore_url(args: argparse.Namespace) -> str:
+    url: str | None = args.keystore or os.environ.get(ENV_KEYSTORE, "").strip() or None
+    return url or default_keystore_url(os.environ)
+
+
+def _open(args: argparse.Namespace) -> Keystore:
+    return open_keystore(_keystore_url(args), need_secrets=False)
+
+
+def _info_dict(info: KeyInfo) -> dict[str, str | None]:
+    return {
+        "key_id": info.key_id,
+        "state": info.state.value,
+        "created_at": info.created_at,
+        "destroyed_at": info.destroyed_at,
+        "backend": info.backend,
+    }
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print every key of the keystore as a table, or as JSON with ``--json``."""
+    infos = _open(args).list()
+    if args.json:
+        print(json.dumps([_info_dict(i) for i in infos], indent=2))
+        return 0
+    if not infos:
+        print(f"no keys in {_keystore_url(args)}")
+        return 0
+    rows = [
+        (i.key_id, i.state.value, i.created_at or "-", i.destroyed_at or "-", i.backend)
+        for i in infos
+    ]
+    widths = [max(len(r[c]) for r in [_COLUMNS, *rows]) for c in range(len(_COLUMNS))]
+    for row in [_COLUMNS, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def run_destroy(args: argparse.Namespace) -> int:
+    """Destroy one month key after ``--yes``; print what was destroyed."""
+    parse_month(args.month)  # a clear "expected YYYY-MM" before anything else
+    kid = key_id(args.month, args.retention_class)
+    if not args.yes:
+        raise ConfigError(
+            f"refusing to destroy key {kid} without --yes: destruction cannot be undone "
+            "and makes every identifier sealed under it unrecoverable"
+        )
+    store = _open(args)
+    before = next((i for i in store.list() if i.key_id == kid), None)
+    existed = store.destroy(kid)
+    if before is not None and before.state is KeyState.DESTROYED and not existed:
+        print(f"key {kid} was already destroyed at {before.destroyed_at or 'an unknown time'}")
+    elif existed:
+        print(f"destroyed key {kid}: identifiers sealed under it can no longer be recovered")
+    else:
+        print(f"key {kid} did not exist; recorded it as destroyed so it can never be created")
+    return 0
