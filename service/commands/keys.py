@@ -45,9 +45,11 @@ def register(subparsers: Any) -> None:
         "destroy",
         help="destroy a month key for good",
         description=(
-            "Destroy the key of one month and retention class. Every identifier sealed "
-            "under it, in every copy of the sealed data, becomes unrecoverable, and the "
-            "month can never get a key again. There is no undo."
+            "Destroy the key of one month and retention class. The identifiers sealed "
+            "under it become unrecoverable in every copy of the sealed data, and the "
+            "month can never get a key again. There is no undo. Copies of the key file "
+            "made earlier (backups) defeat this while the master key lives: see "
+            "docs/keystore.md."
         ),
     )
     de.add_argument("--month", required=True, metavar="YYYY-MM", help="the month, e.g. 2025-11")
