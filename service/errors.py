@@ -64,8 +64,8 @@ class RecordError(CdranonError):
         self.reason = reason
         self.field = field
         self.detail = detail
-        where = f" in field {field!r}" if field else ""
-        super().__init__(f"{reason}{where}{': ' + detail if detail else ''}")
+        text = detail or reason.replace("_", " ")
+        super().__init__(f"field {field!r}: {text}" if field else text)
 
 
 class KafkaFatalError(CdranonError):

@@ -48,5 +48,7 @@ class BatchResult:
     # Records whose identifiers were stripped because their month is past its identifier
     # deadline: in ``sanitised`` without pseudonyms, not in ``sealed``.
     stripped: int = 0
+    # The same, by reason (past_identifier_deadline, key_destroyed): bounded metric labels.
+    stripped_reasons: dict[str, int] = field(default_factory=dict)
     # Key ids (YYYY-MM/class) the batch sealed under; the runner makes sure their topics exist.
     months: set[str] = field(default_factory=set)

@@ -1,0 +1,95 @@
+"""Checks for the billing fields named in the default policy.
+
+Billing fields are kept exactly as received, so the checks only decide whether a record
+is acceptable; they never rewrite a value. Fields an operator adds to the policy have no
+check (any JSON value is kept). Each check is (allowed types, value check or None).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import phonenumbers
+
+from service.errors import RecordError
+
+NoneType = type(None)
+ValueCheck = Callable[[str, object], None]
+
+# ISO 3166-1 alpha-2 regions from libphonenumber's metadata (well kept, includes the
+# territories that have numbering plans); "001" (non-geographic) is not a country.
+COUNTRIES = frozenset(r for r in phonenumbers.SUPPORTED_REGIONS if len(r) == 2)
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_MCC = frozenset(f"{i:03d}" for i in range(1000))
+_MNC = frozenset(f"{i:02d}" for i in range(100)) | _MCC
+
+
+def _non_empty(field: str, v: object) -> None:
+    if not v or len(v) > 256:  # type: ignore[arg-type]  # only called on str
+        raise RecordError("invalid_value", field, "expected 1-256 characters")
+
+
+def _non_negative(field: str, v: object) -> None:
+    if v < 0:  # type: ignore[operator]  # only called on int/float
+        raise RecordError("invalid_value", field, "expected a number >= 0")
+
+
+def _finite_number(field: str, v: object) -> None:
+    # orjson rejects NaN/Infinity on input, but guard the invariant here too.
+    if isinstance(v, float) and not math.isfinite(v):
+        raise RecordError("invalid_value", field, "expected a finite number")
+
+
+def _currency(field: str, v: object) -> None:
+    if not isinstance(v, str) or not _CURRENCY.fullmatch(v):
+        raise RecordError("invalid_value", field, "expected an ISO 4217 code such as EUR")
+
+
+def _mcc(field: str, v: object) -> None:
+    if v not in _MCC:
+        raise RecordError("invalid_value", field, "expected a 3-digit mobile country code")
+
+
+def _mnc(field: str, v: object) -> None:
+    if v not in _MNC:
+        raise RecordError("invalid_value", field, "expected a 2- or 3-digit mobile network code")
+
+
+def _country(field: str, v: object) -> None:
+    if v not in COUNTRIES:
+        raise RecordError("invalid_value", field, "expected an ISO 3166-1 alpha-2 code such as GB")
+
+
+_STR: frozenset[type] = frozenset({str})
+_OPT_STR: frozenset[type] = frozenset({str, NoneType})
+_OPT_INT: frozenset[type] = frozenset({int, NoneType})
+_OPT_NUM: frozenset[type] = frozenset({int, float, NoneType})
+_ACCOUNT: frozenset[type] = frozenset({str, int})
+
+# field -> (allowed types, value check applied to non-null values)
+BILLING_CHECKS: dict[str, tuple[frozenset[type], ValueCheck | None]] = {
+    "cdr_id": (_STR, _non_empty),
+    "account_id": (_ACCOUNT, None),
+    "channel": (_OPT_STR, None),
+    "direction": (_OPT_STR, None),
+    "sender_id": (_OPT_STR, None),
+    "status": (_OPT_STR, None),
+    "parts": (_OPT_INT, _non_negative),
+    "duration_s": (_OPT_NUM, _non_negative),
+    "price": (_OPT_NUM, _finite_number),
+    "currency": (_OPT_STR, _currency),
+    "route_id": (_OPT_STR, None),
+    "mcc": (_OPT_STR, _mcc),
+    "mnc": (_OPT_STR, _mnc),
+    "country": (_OPT_STR, _country),
+}
+
+EXPECTED_TYPE = {
+    _STR: "a string",
+    _OPT_STR: "a string or null",
+    _OPT_INT: "an integer or null",
+    _OPT_NUM: "a number or null",
+    _ACCOUNT: "a string or an integer",
+}
