@@ -1,0 +1,198 @@
+"""Prometheus metrics of the stream processor, on an injected registry.
+
+Conventions: ``cdranon_`` prefix, ``_total`` counters, ``_seconds`` histograms, and label
+values from small closed sets only (topic kind, reason code, outcome, partition number,
+pause reason). A label value that does not look like a code is counted as ``other``, and
+each label is capped in cardinality, so nothing a record carries can become a label.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_CODE = re.compile(r"^[a-z0-9_]{1,48}$")
+_MAX_REASONS = 64
+_MAX_PARTITIONS = 4096
+
+TOPIC_KINDS = ("sealed", "sanitised", "rejected")
+PAUSE_REASONS = ("keystore", "broker", "producer_queue")
+TXN_OUTCOMES = ("committed", "aborted")
+
+# Latency buckets in seconds: from a fast batch (ms) to a backlog of minutes.
+_BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+
+
+class Metrics:
+    """Every metric the processor updates, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.records_consumed = Counter(
+            "cdranon_records_consumed", "Input records read from the input topic.", registry=r
+        )
+        self.records_produced = Counter(
+            "cdranon_records_produced",
+            "Output records in committed transactions, by topic kind.",
+            ["topic_kind"],
+            registry=r,
+        )
+        self.records_rejected = Counter(
+            "cdranon_records_rejected",
+            "Input records written to the rejected topic (committed), by reason code.",
+            ["reason"],
+            registry=r,
+        )
+        self.records_stripped = Counter(
+            "cdranon_records_stripped",
+            "Records past their identifier deadline: identifiers dropped (committed).",
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "cdranon_batch_duration_seconds",
+            "One batch from the first record consumed to the transaction committed.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.transform_duration = Histogram(
+            "cdranon_transform_duration_seconds",
+            "The pure transform of one batch.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_latency = Histogram(
+            "cdranon_end_to_end_latency_seconds",
+            "Input record timestamp (ingest) to its transaction committed; a sample per batch.",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.batch_records = Histogram(
+            "cdranon_batch_records",
+            "Input records per batch (one transaction).",
+            buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 100000),
+            registry=r,
+        )
+        self.transactions = Counter(
+            "cdranon_transactions",
+            "Kafka transactions by outcome (committed, aborted).",
+            ["outcome"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "cdranon_consumer_lag",
+            "Records behind the last stable offset, per input partition (librdkafka statistics).",
+            ["partition"],
+            registry=r,
+        )
+        self.month_keys_cached = Gauge(
+            "cdranon_month_keys_cached", "Month keys held in this process's memory.", registry=r
+        )
+        self.paused = Gauge(
+            "cdranon_paused",
+            "1 while consumption is paused, by reason (keystore, broker, producer_queue).",
+            ["reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "cdranon_retries",
+            "Batches retried after a back-off, by pause reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "cdranon_rebalances",
+            "Partition assignment changes seen, by kind (assigned, revoked, lost).",
+            ["kind"],
+            registry=r,
+        )
+        self.topics_created = Counter(
+            "cdranon_topics_created",
+            "Output topics this process created, by topic kind.",
+            ["topic_kind"],
+            registry=r,
+        )
+        for kind in TOPIC_KINDS:
+            self.records_produced.labels(kind)
+            self.topics_created.labels(kind)
+        for outcome in TXN_OUTCOMES:
+            self.transactions.labels(outcome)
+        for reason in PAUSE_REASONS:
+            self.paused.labels(reason).set(0)
+            self.retries.labels(reason)
+        self._reasons: set[str] = set()
+        self._lag_partitions: set[str] = set()
+        self._lock = threading.Lock()
+
+    def reason_label(self, reason: str) -> str:
+        """``reason`` if it is a code and the label is not yet full, else ``other``."""
+        if reason in self._reasons:
+            return reason
+        if not _CODE.match(reason) or len(self._reasons) >= _MAX_REASONS:
+            return "other"
+        self._reasons.add(reason)
+        return reason
+
+    def count_rejected(self, reasons: Iterable[str]) -> None:
+        """Count committed rejections by reason."""
+        counts: dict[str, int] = {}
+        for reason in reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+        for reason, n in counts.items():
+            self.records_rejected.labels(self.reason_label(reason)).inc(n)
+
+    def update_from_stats(self, stats_json: str | bytes, topic: str) -> None:
+        """Set consumer lag per partition of ``topic`` from a librdkafka statistics document.
+
+        Partitions absent from the document, or whose lag is unknown (-1: not assigned, or
+        no offsets yet), lose their series, so a revoked partition does not linger.
+        """
+        stats = orjson.loads(stats_json)
+        parts = stats.get("topics", {}).get(topic, {}).get("partitions", {})
+        seen: set[str] = set()
+        for pid, p in parts.items():
+            if pid == "-1" or not pid.isdigit():
+                continue
+            lag = p.get("consumer_lag", -1)
+            if not isinstance(lag, int) or lag < 0:
+                continue
+            if pid not in self._lag_partitions and len(self._lag_partitions) >= _MAX_PARTITIONS:
+                continue
+            self.consumer_lag.labels(pid).set(lag)
+            seen.add(pid)
+        with self._lock:
+            for gone in self._lag_partitions - seen:
+                self.consumer_lag.remove(gone)
+            self._lag_partitions = seen
+
+
+@dataclass
+class MetricsServer:
+    """The running ``/metrics`` HTTP endpoint."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0: any free port)."""
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
