@@ -60,6 +60,8 @@ _RESERVED_KEYS = frozenset(
         "enable.idempotence",
         "transaction.timeout.ms",
         "statistics.interval.ms",
+        # The runner's rebalance handling assumes cooperative-sticky (see runner.py).
+        "partition.assignment.strategy",
     }
 )
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
@@ -224,10 +226,10 @@ class Settings(BaseSettings):
 
     # The field/retention policy file; None: the packaged defaults (12 months / 10 years).
     policy: Path | None = None
-    # Reference zone of months and deadlines (IANA name).
-    timezone: str = "UTC"
-    # Records dated further ahead than this are rejected.
-    future_tolerance_s: int = Field(default=86_400, ge=0, le=366 * 86_400)
+    # Reference zone of months and deadlines (IANA name); None: the policy's (UTC by default).
+    timezone: str | None = None
+    # Records dated further ahead than this are rejected; None: the policy's (one day).
+    future_tolerance_s: int | None = Field(default=None, ge=0, le=366 * 86_400)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     topics: TopicsSettings = Field(default_factory=TopicsSettings)
@@ -239,7 +241,9 @@ class Settings(BaseSettings):
 
     @field_validator("timezone")
     @classmethod
-    def _tz(cls, v: str) -> str:
+    def _tz(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         try:
             zone(v)
         except ConfigError as exc:

@@ -53,7 +53,9 @@ class Metrics:
         )
         self.records_stripped = Counter(
             "cdranon_records_stripped",
-            "Records past their identifier deadline: identifiers dropped (committed).",
+            "Records written without identifiers (committed), by reason "
+            "(past_identifier_deadline, key_destroyed).",
+            ["reason"],
             registry=r,
         )
         self.batch_duration = Histogram(

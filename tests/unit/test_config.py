@@ -34,7 +34,7 @@ def test_defaults_without_file() -> None:
     assert s.batch.max_wait_ms == 100
     assert s.metrics.port == 9464
     assert s.metrics.host == "127.0.0.1"
-    assert s.timezone == "UTC"
+    assert s.timezone is None  # the policy's zone
 
 
 def test_file_then_environment_deep_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,634 @@
+"""The consume-transform-produce loop of ``cdranon run``: exactly once, with Kafka transactions.
+
+One iteration, one transaction (the order matters):
+
+1. ``consume(max_records, max_wait)``: a batch closes at the count or the time limit.
+   Rebalance callbacks run only here, between transactions, so no transaction is ever
+   open when partitions are revoked, and nothing from a revoked partition is produced
+   after its revocation.
+2. ``transform`` (pure, no I/O). KeystoreUnavailableError: nothing is written; the
+   assigned partitions are paused, the batch is held and retried with exponential
+   back-off while ``consume`` keeps the group membership alive (records of partitions
+   revoked meanwhile are dropped from the held batch: their new owner reads them).
+3. Output topics of the batch's months are made to exist (idempotent, cached).
+4. ``begin_transaction``; ``produce`` every sealed, sanitised and rejected record
+   (``BufferError``: serve delivery reports and retry, never drop; ``poll(0)`` served);
+   ``send_offsets_to_transaction`` with the input offsets + 1 and fresh consumer group
+   metadata (KIP-447: a zombie of an older generation is fenced by the broker);
+   ``commit_transaction``.
+5. Errors: *retriable* (commit timed out) -> retry the same call; *abortable*
+   (``txn_requires_abort``) -> ``abort_transaction`` and rewind the consumer to the
+   committed offsets, so the batch is read and transformed again; *fatal* (fenced,
+   unrecoverable) -> KafkaFatalError: the process exits non-zero, with nothing partial
+   committed (an open transaction is aborted by the broker).
+
+Shutdown (``request_stop``, called from SIGTERM/SIGINT): the current batch is finished (or,
+if it cannot be, abandoned uncommitted), the consumer leaves the group, the run returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from service.config import Settings
+from service.errors import KafkaFatalError, KeystoreUnavailableError
+from service.kafka.clients import (
+    admin_config,
+    consumer_config,
+    kafka_error,
+    producer_config,
+    transactional_id,
+)
+from service.kafka.topics import HOUR_MS, TopicManager, TopicNames
+from service.logs import log_event
+from service.metrics import Metrics
+from service.months import now_utc, to_ms
+from service.outputs import BatchResult
+from service.transform import Transformer
+
+_LOG = logging.getLogger("cdranon.runner")
+_TXN_TIMEOUT_S = 30.0
+# Months ahead are re-checked this often, so next month's topics exist before it starts.
+_PRECREATE_EVERY_S = 600.0
+# End-to-end latency is sampled (a histogram observation costs ~1 us; 10k per batch would
+# be a tenth of the budget): at most this many records per batch, spread evenly.
+_LATENCY_SAMPLES = 32
+_POLL_EVERY = 1024
+
+TP = tuple[str, int]
+
+
+@dataclass(slots=True)
+class RunStats:
+    """What one run did (for tests, the demo and the final log line)."""
+
+    batches: int = 0
+    consumed: int = 0
+    sealed: int = 0
+    sanitised: int = 0
+    rejected: int = 0
+    stripped: int = 0
+    aborted: int = 0
+
+
+class Runner:
+    """One processor instance: a consumer-group member with a transactional producer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        transformer: Transformer,
+        metrics: Metrics,
+        *,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self._s = settings
+        self._t = transformer
+        self._m = metrics
+        self._clock_ms = clock_ms or (lambda: to_ms(now_utc()))
+        self.input_topic = settings.kafka.input_topic_name
+        self.names = TopicNames(settings.kafka.topic_prefix)
+        self.txn_id = transactional_id(settings)
+        self.stats = RunStats()
+        self._stop = False
+        self._assigned: set[TP] = set()
+        self._paused: str | None = None
+        self._in_txn = False
+        self._fatal: KafkaError | None = None
+        self._last_precreate = 0.0
+        self._sealed_topic: dict[str, str] = {}
+        self._sanitised_topic: dict[str, str] = {}
+        self._consumer = Consumer(
+            consumer_config(settings, stats_cb=self._on_stats, error_cb=self._on_error)
+        )
+        pconf = producer_config(settings, self.txn_id, error_cb=self._on_error)
+        self._queue_max = int(pconf["queue.buffering.max.messages"])
+        self._producer = Producer(pconf)
+        self._admin = AdminClient(admin_config(settings))
+        self.topics = TopicManager(
+            self._admin,
+            self.names,
+            identifier_months=transformer.policy.max_identifier_months,
+            billing_years=transformer.policy.max_billing_years,
+            partitions=settings.topics.partitions,
+            replication_factor=settings.topics.replication_factor,
+            grace_ms=int(settings.topics.retention_grace_hours * HOUR_MS),
+            future_tolerance_ms=transformer.future_tolerance_ms,
+            rejected_retention_days=settings.topics.rejected_retention_days,
+            tz=transformer.tz,
+            on_created=self._on_topic_created,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to finish the current batch and return (signal-safe)."""
+        self._stop = True
+
+    def run(self, *, until: Callable[[RunStats], bool] | None = None) -> RunStats:
+        """Process until ``request_stop`` (or ``until(stats)`` is true); returns the stats.
+
+        Raises KafkaFatalError on a fatal Kafka error (after closing what can be closed).
+        """
+        log_event(
+            _LOG,
+            "runner_starting",
+            input_topic=self.input_topic,
+            group_id=self._s.kafka.group_id,
+            transactional_id=self.txn_id,
+            max_records=self._s.batch.max_records,
+            max_wait_ms=self._s.batch.max_wait_ms,
+        )
+        try:
+            self._retry_kafka("init_transactions", self._init_transactions)
+            self._precreate()
+            self._consumer.subscribe(
+                [self.input_topic],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            max_records = self._s.batch.max_records
+            wait_s = self._s.batch.max_wait_ms / 1000
+            consume = self._consumer.consume
+            while not self._stop and not (until is not None and until(self.stats)):
+                self._check_fatal()
+                if time.monotonic() - self._last_precreate > _PRECREATE_EVERY_S:
+                    self._precreate()
+                msgs = consume(max_records, wait_s)
+                if msgs:
+                    batch = self._records(msgs)
+                    if batch:
+                        self._process(batch)
+                self._producer.poll(0)
+        finally:
+            self._close()
+        log_event(_LOG, "runner_stopped", **_stats_fields(self.stats))
+        return self.stats
+
+    def _init_transactions(self) -> None:
+        self._producer.init_transactions(_TXN_TIMEOUT_S)
+
+    def _precreate(self) -> None:
+        self._last_precreate = time.monotonic()
+        months = self.topics.precreate(self._s.topics.precreate_months_ahead)
+        log_event(_LOG, "topics_ready", months=months, level=logging.DEBUG)
+
+    def _close(self) -> None:
+        if self._in_txn:
+            self._abort_quietly()
+        try:
+            self._consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log_event(_LOG, "consumer_close_failed", level=logging.WARNING, error=str(exc))
+        remaining = self._producer.flush(10)
+        if remaining:
+            log_event(_LOG, "producer_not_drained", level=logging.WARNING, messages=remaining)
+
+    # -- callbacks (run inside consume()/poll(), on this thread) ---------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned.update((p.topic, p.partition) for p in partitions)
+        self._m.rebalances.labels("assigned").inc()
+        log_event(
+            _LOG,
+            "partitions_assigned",
+            partitions=sorted(p.partition for p in partitions),
+            assigned=len(self._assigned),
+        )
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # consume() is only called between transactions, so this never fires mid-transaction;
+        # the check is a guard against a future change of the loop, not a normal path.
+        if self._in_txn:
+            self._abort_quietly()
+        self._drop(partitions, "revoked")
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drop(partitions, "lost")
+
+    def _drop(self, partitions: list[TopicPartition], kind: str) -> None:
+        self._assigned.difference_update((p.topic, p.partition) for p in partitions)
+        self._m.rebalances.labels(kind).inc()
+        for p in partitions:
+            with contextlib.suppress(KeyError):
+                self._m.consumer_lag.remove(str(p.partition))
+        log_event(
+            _LOG,
+            f"partitions_{kind}",
+            partitions=sorted(p.partition for p in partitions),
+            assigned=len(self._assigned),
+        )
+
+    def _on_stats(self, stats_json: str) -> None:
+        self._m.update_from_stats(stats_json, self.input_topic)
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Called from poll()/consume() for client-level errors; most are transient (a broker
+        # connection down) and librdkafka recovers by itself.
+        if err.fatal():
+            self._fatal = err
+        log_event(
+            _LOG,
+            "kafka_error",
+            level=logging.ERROR if err.fatal() else logging.WARNING,
+            code=err.name(),
+            error=err.str(),
+            fatal=err.fatal(),
+        )
+
+    def _on_topic_created(self, topic: str) -> None:
+        kind = topic.split(".")[-2] if topic != self.names.rejected else "rejected"
+        if kind in ("sealed", "sanitised", "rejected"):
+            self._m.topics_created.labels(kind).inc()
+
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise _fatal_error(self._fatal, "client")
+
+    # -- one batch ----------------------------------------------------------------------
+
+    def _records(self, msgs: list[Message]) -> list[Message]:
+        """The records of a consume() result; client-level errors are logged or raised."""
+        out: list[Message] = []
+        for msg in msgs:
+            err = msg.error()
+            if err is None:
+                out.append(msg)
+                continue
+            if err.fatal():
+                raise _fatal_error(err, "consumer")
+            log_event(
+                _LOG,
+                "consume_error",
+                level=logging.WARNING,
+                code=err.name(),
+                error=err.str(),
+                topic=msg.topic(),
+            )
+        return out
+
+    def _process(self, batch: list[Message]) -> None:
+        started = time.perf_counter()
+        result: BatchResult | None = None
+        delay = self._s.retry.backoff_initial_s
+        while result is None:
+            values = [m.value() or b"" for m in batch]
+            t0 = time.perf_counter()
+            try:
+                result = self._t.transform(values, self._clock_ms())
+            except KeystoreUnavailableError as exc:
+                log_event(
+                    _LOG,
+                    "keystore_unavailable",
+                    level=logging.WARNING,
+                    error=str(exc),
+                    retry_in_s=round(delay, 3),
+                    held_records=len(batch),
+                )
+                self._m.retries.labels("keystore").inc()
+                batch = self._pause_and_wait("keystore", delay, batch)
+                delay = min(delay * 2, self._s.retry.backoff_max_s)
+                if self._stop or not batch:
+                    # Nothing was written; the batch is read again by whoever owns it next.
+                    self._resume()
+                    if batch:
+                        self._rewind(batch)
+                    return
+                continue
+            self._m.transform_duration.observe(time.perf_counter() - t0)
+        self._resume()
+        self._m.month_keys_cached.set(len(self._t.keyring))
+        if self._write(batch, result):
+            self._account(batch, result, started)
+
+    def _write(self, batch: list[Message], result: BatchResult) -> bool:
+        """Write one batch's outputs and offsets in one transaction; True if committed."""
+        self._retry_kafka(
+            "create_topics",
+            lambda: self.topics.ensure_months(
+                {r.month for r in result.sealed}, {r.month for r in result.sanitised}
+            ),
+        )
+        offsets: dict[TP, int] = {}
+        for m in batch:
+            tp = (m.topic() or "", m.partition() or 0)
+            off = (m.offset() or 0) + 1
+            if off > offsets.get(tp, -1):
+                offsets[tp] = off
+        try:
+            self._producer.begin_transaction()
+            self._in_txn = True
+            self._produce_all(batch, result)
+            self._producer.send_offsets_to_transaction(
+                [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                self._consumer.consumer_group_metadata(),
+                _TXN_TIMEOUT_S,
+            )
+            self._commit()
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err.fatal():
+                raise _fatal_error(err, "producer") from None
+            log_event(
+                _LOG,
+                "transaction_aborting",
+                level=logging.WARNING,
+                code=err.name(),
+                error=err.str(),
+                abortable=err.txn_requires_abort(),
+                records=len(batch),
+            )
+            self._abort()
+            self._rewind(batch)
+            return False
+        return True
+
+    def _produce_all(self, batch: Sequence[Message], result: BatchResult) -> None:
+        # Hot path: bound methods and dicts in locals.
+        produce = self._producer.produce
+        poll = self._producer.poll
+        sealed_topic = self._sealed_topic
+        sanitised_topic = self._sanitised_topic
+        names = self.names
+        n = 0
+        for rec in result.sealed:
+            topic = sealed_topic.get(rec.month)
+            if topic is None:
+                topic = sealed_topic[rec.month] = names.sealed(rec.month)
+            try:
+                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
+            except BufferError:
+                self._wait_queue()
+                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
+            n += 1
+            if n % _POLL_EVERY == 0:
+                poll(0)
+        for rec in result.sanitised:
+            topic = sanitised_topic.get(rec.month)
+            if topic is None:
+                topic = sanitised_topic[rec.month] = names.sanitised(rec.month)
+            try:
+                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
+            except BufferError:
+                self._wait_queue()
+                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
+            n += 1
+            if n % _POLL_EVERY == 0:
+                poll(0)
+        if result.rejected:
+            now_ms = self._clock_ms()
+            rejected_topic = names.rejected
+            for rej in result.rejected:
+                src = batch[rej.index]
+                _, src_ts = src.timestamp()
+                headers: list[tuple[str, str | bytes | None]] = [
+                    ("reason", rej.reason.encode()),
+                    ("field", (rej.field or "").encode()),
+                    ("detail", rej.message.encode()),
+                    ("source_topic", (src.topic() or "").encode()),
+                    ("source_partition", str(src.partition()).encode()),
+                    ("source_offset", str(src.offset()).encode()),
+                    ("source_timestamp", str(src_ts).encode()),
+                ]
+                # The original bytes, unchanged (value() as read, None for a tombstone);
+                # timestamped now: retention runs from rejection, see topics.py.
+                value = src.value()
+                try:
+                    produce(rejected_topic, value, src.key(), timestamp=now_ms, headers=headers)
+                except BufferError:
+                    self._wait_queue()
+                    produce(rejected_topic, value, src.key(), timestamp=now_ms, headers=headers)
+        poll(0)
+
+    def _wait_queue(self) -> None:
+        """The producer queue is full: serve delivery reports until there is room."""
+        self._m.paused.labels("producer_queue").set(1)
+        try:
+            # Bounded by the queue draining; librdkafka fails stuck messages after
+            # message.timeout.ms, which then aborts the transaction.
+            while len(self._producer) >= self._queue_max:
+                self._producer.poll(0.05)
+            self._producer.poll(0)
+        finally:
+            self._m.paused.labels("producer_queue").set(0)
+
+    def _commit(self) -> None:
+        delay = self._s.retry.backoff_initial_s
+        while True:
+            try:
+                self._producer.commit_transaction(_TXN_TIMEOUT_S)
+                self._in_txn = False
+                return
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if not err.retriable() or err.fatal() or err.txn_requires_abort():
+                    raise
+                log_event(
+                    _LOG,
+                    "commit_retry",
+                    level=logging.WARNING,
+                    code=err.name(),
+                    error=err.str(),
+                    retry_in_s=round(delay, 3),
+                )
+                self._m.retries.labels("broker").inc()
+                self._m.paused.labels("broker").set(1)
+                time.sleep(delay)  # the commit's outcome is pending; it must be retried as is
+                delay = min(delay * 2, self._s.retry.backoff_max_s)
+            finally:
+                if not self._in_txn:
+                    self._m.paused.labels("broker").set(0)
+
+    def _abort(self) -> None:
+        delay = self._s.retry.backoff_initial_s
+        while True:
+            try:
+                self._producer.abort_transaction(_TXN_TIMEOUT_S)
+                self._in_txn = False
+                self._m.transactions.labels("aborted").inc()
+                self.stats.aborted += 1
+                return
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if err.fatal() or not err.retriable():
+                    raise _fatal_error(err, "producer (abort)") from None
+                self._m.retries.labels("broker").inc()
+                time.sleep(delay)  # abort's outcome is pending; retry it as is
+                delay = min(delay * 2, self._s.retry.backoff_max_s)
+
+    def _abort_quietly(self) -> None:
+        try:
+            self._abort()
+        except KafkaFatalError as exc:
+            log_event(_LOG, "abort_failed", level=logging.ERROR, error=str(exc))
+            self._in_txn = False
+
+    def _rewind(self, batch: Sequence[Message]) -> None:
+        """Seek the batch's partitions back to their committed offsets."""
+        first: dict[TP, int] = {}
+        for m in batch:
+            tp = (m.topic() or "", m.partition() or 0)
+            off = m.offset() or 0
+            if off < first.get(tp, 2**63):
+                first[tp] = off
+        mine = [TopicPartition(t, p) for (t, p) in first if (t, p) in self._assigned]
+        if not mine:
+            return
+        try:
+            committed = self._consumer.committed(mine, timeout=_TXN_TIMEOUT_S)
+        except KafkaException as exc:
+            # The batch's first offsets are where the committed offsets were when it was
+            # read (every batch either commits or is rewound to them).
+            log_event(_LOG, "committed_unavailable", level=logging.WARNING, error=str(exc))
+            committed = [
+                TopicPartition(x.topic, x.partition, first[(x.topic, x.partition)]) for x in mine
+            ]
+        to: dict[str, int] = {}
+        for c in committed:
+            offset = c.offset if c.offset >= 0 else first[(c.topic, c.partition)]
+            self._consumer.seek(TopicPartition(c.topic, c.partition, offset))
+            to[str(c.partition)] = offset
+        log_event(_LOG, "rewound", partitions=to)
+
+    def _pause_and_wait(self, reason: str, delay_s: float, batch: list[Message]) -> list[Message]:
+        """Pause consumption for ``delay_s`` while keeping group membership; return what is
+        left of ``batch`` (records of partitions revoked meanwhile are dropped)."""
+        if self._paused is None:
+            self._consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+            self._paused = reason
+            self._m.paused.labels(reason).set(1)
+        deadline = time.monotonic() + delay_s
+        while not self._stop:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            extra = self._consumer.consume(1000, min(0.2, remaining))
+            if extra:
+                # Only partitions assigned during the pause deliver: put them back.
+                self._rewind_messages(self._records(extra))
+        return [m for m in batch if (m.topic() or "", m.partition() or 0) in self._assigned]
+
+    def _rewind_messages(self, msgs: Sequence[Message]) -> None:
+        first: dict[TP, int] = {}
+        for m in msgs:
+            tp = (m.topic() or "", m.partition() or 0)
+            first[tp] = min(first.get(tp, 2**63), m.offset() or 0)
+        for (t, p), off in first.items():
+            self._consumer.seek(TopicPartition(t, p, off))
+        self._consumer.pause([TopicPartition(t, p) for (t, p) in first])
+
+    def _resume(self) -> None:
+        if self._paused is not None:
+            self._consumer.resume([TopicPartition(t, p) for t, p in self._assigned])
+            self._m.paused.labels(self._paused).set(0)
+            log_event(_LOG, "resumed", reason=self._paused)
+            self._paused = None
+
+    def _retry_kafka(self, what: str, fn: Callable[[], None]) -> None:
+        """Run ``fn``; on a retriable Kafka error back off and retry, paused on 'broker'."""
+        delay = self._s.retry.backoff_initial_s
+        while True:
+            try:
+                fn()
+                break
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if err.fatal() or not err.retriable():
+                    raise _fatal_error(err, what) from None
+                log_event(
+                    _LOG,
+                    "broker_unavailable",
+                    level=logging.WARNING,
+                    during=what,
+                    code=err.name(),
+                    error=err.str(),
+                    retry_in_s=round(delay, 3),
+                )
+                self._m.retries.labels("broker").inc()
+                self._m.paused.labels("broker").set(1)
+                if self._stop:
+                    raise
+                time.sleep(delay)  # back-off while the broker is away
+                delay = min(delay * 2, self._s.retry.backoff_max_s)
+        self._m.paused.labels("broker").set(0)
+
+    def _account(self, batch: Sequence[Message], result: BatchResult, started: float) -> None:
+        m = self._m
+        n = len(batch)
+        now = time.time()
+        m.transactions.labels("committed").inc()
+        m.records_consumed.inc(n)
+        m.batch_records.observe(n)
+        m.records_produced.labels("sealed").inc(len(result.sealed))
+        m.records_produced.labels("sanitised").inc(len(result.sanitised))
+        m.records_produced.labels("rejected").inc(len(result.rejected))
+        if result.rejected:
+            m.count_rejected(r.reason for r in result.rejected)
+        for reason, count in result.stripped_reasons.items():
+            m.records_stripped.labels(m.reason_label(reason)).inc(count)
+        step = max(1, n // _LATENCY_SAMPLES)
+        for i in range(0, n, step):
+            kind, ts = batch[i].timestamp()
+            if kind != 0 and ts > 0:  # 0: TIMESTAMP_NOT_AVAILABLE
+                m.end_to_end_latency.observe(max(0.0, now - ts / 1000))
+        m.batch_duration.observe(time.perf_counter() - started)
+        s = self.stats
+        s.batches += 1
+        s.consumed += n
+        s.sealed += len(result.sealed)
+        s.sanitised += len(result.sanitised)
+        s.rejected += len(result.rejected)
+        s.stripped += result.stripped
+        log_event(
+            _LOG,
+            "batch_committed",
+            level=logging.DEBUG,
+            records=n,
+            sealed=len(result.sealed),
+            sanitised=len(result.sanitised),
+            rejected=len(result.rejected),
+            stripped=result.stripped,
+        )
+
+
+def _fatal_error(err: KafkaError, where: str) -> KafkaFatalError:
+    hint = (
+        "another processor with a newer epoch or consumer-group generation took over "
+        "(fenced): this instance stops without committing"
+        if err.code()
+        in (
+            KafkaError._FENCED,
+            KafkaError.PRODUCER_FENCED,
+            KafkaError.INVALID_PRODUCER_EPOCH,
+            KafkaError.FENCED_INSTANCE_ID,
+        )
+        else "nothing of the open batch was committed; check the broker and the [kafka] settings"
+    )
+    return KafkaFatalError(f"fatal Kafka error in {where}: {err.name()}: {err.str()}; {hint}")
+
+
+def _stats_fields(s: RunStats) -> dict[str, int]:
+    return {
+        "batches": s.batches,
+        "consumed": s.consumed,
+        "sealed": s.sealed,
+        "sanitised": s.sanitised,
+        "rejected": s.rejected,
+        "stripped": s.stripped,
+        "aborted": s.aborted,
+    }
