@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "service.commands.unseal",
     "service.commands.deadlines",
     "service.commands.keys",
+    "service.commands.run",
+    "service.commands.config_cmd",
 )
 
 
