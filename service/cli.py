@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "service.commands.keys",
     "service.commands.run",
     "service.commands.config_cmd",
+    "service.commands.generate",
 )
 
 
