@@ -31,6 +31,7 @@ from service.months import add_months, month_of, parse_month
 _PROGRESS_EVERY = 1000
 _FLUSH_TIMEOUT_S = 120.0
 _ADMIN_TIMEOUT_S = 30.0
+_METADATA_TIMEOUT_S = 10.0
 
 
 def register(subparsers: Any) -> None:
@@ -196,7 +197,14 @@ def _open_output(name: str | None) -> Iterator[IO[bytes]]:
 
 def _ensure_topic(admin: AdminClient, args: argparse.Namespace) -> bool:
     """Create the topic if it is missing; True if this call created it."""
-    md = admin.list_topics(timeout=_ADMIN_TIMEOUT_S)
+    try:
+        md = admin.list_topics(timeout=_METADATA_TIMEOUT_S)
+    except KafkaException as exc:
+        raise CdranonError(
+            f"cannot reach Kafka at {args.bootstrap} (no metadata within "
+            f"{_METADATA_TIMEOUT_S:.0f}s): {exc.args[0] if exc.args else exc}; check "
+            "--bootstrap and the -X security settings"
+        ) from exc
     if args.topic in md.topics and md.topics[args.topic].error is None:
         return False
     if args.partitions < 1:
