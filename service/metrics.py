@@ -162,8 +162,8 @@ class Metrics:
         for pid, p in parts.items():
             if pid == "-1" or not pid.isdigit():
                 continue
-            lag = p.get("consumer_lag", -1)
-            if not isinstance(lag, int) or lag < 0:
+            lag = _lag(p)
+            if lag is None:
                 continue
             if pid not in self._lag_partitions and len(self._lag_partitions) >= _MAX_PARTITIONS:
                 continue
@@ -173,6 +173,23 @@ class Metrics:
             for gone in self._lag_partitions - seen:
                 self.consumer_lag.remove(gone)
             self._lag_partitions = seen
+
+
+def _lag(p: dict[str, object]) -> int | None:
+    """Records between the consumer's position and the last stable offset.
+
+    librdkafka's own ``consumer_lag`` is measured from the *committed* offset, which a
+    transactional processor never commits through the consumer (offsets travel in the
+    producer's transaction), so it stays -1; the position (``app_offset``) is what moves.
+    """
+    end = p.get("ls_offset")
+    pos = p.get("app_offset")
+    if not isinstance(pos, int) or pos < 0:
+        pos = p.get("committed_offset")
+    if isinstance(end, int) and isinstance(pos, int) and end >= 0 and pos >= 0:
+        return max(0, end - pos)
+    lag = p.get("consumer_lag")
+    return lag if isinstance(lag, int) and lag >= 0 else None
 
 
 @dataclass

@@ -91,6 +91,41 @@ def test_consumer_lag_from_statistics() -> None:
     assert sample(m, "cdranon_consumer_lag", {"partition": "1"}) == 5
 
 
+def test_lag_from_position_when_offsets_travel_in_transactions() -> None:
+    """A transactional consumer's committed_offset stays unknown; its position moves."""
+    m = Metrics()
+    doc = {
+        "topics": {
+            "cdr.raw": {
+                "partitions": {
+                    "0": {
+                        "consumer_lag": -1,
+                        "ls_offset": 150,
+                        "app_offset": 100,
+                        "committed_offset": -1001,
+                    },
+                    "1": {
+                        "consumer_lag": -1,
+                        "ls_offset": 80,
+                        "app_offset": -1001,
+                        "committed_offset": 70,
+                    },
+                    "2": {
+                        "consumer_lag": -1,
+                        "ls_offset": -1001,
+                        "app_offset": -1001,
+                        "committed_offset": -1001,
+                    },
+                }
+            }
+        }
+    }
+    m.update_from_stats(orjson.dumps(doc), "cdr.raw")
+    assert sample(m, "cdranon_consumer_lag", {"partition": "0"}) == 50
+    assert sample(m, "cdranon_consumer_lag", {"partition": "1"}) == 10
+    assert sample(m, "cdranon_consumer_lag", {"partition": "2"}) is None
+
+
 def test_metrics_endpoint_serves_the_registry() -> None:
     m = Metrics()
     m.records_produced.labels("sealed").inc(7)
