@@ -7,7 +7,6 @@ check (any JSON value is kept). Each check is (allowed types, value check or Non
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 
@@ -26,20 +25,19 @@ _MCC = frozenset(f"{i:03d}" for i in range(1000))
 _MNC = frozenset(f"{i:02d}" for i in range(100)) | _MCC
 
 
-def _non_empty(field: str, v: object) -> None:
-    if not v or len(v) > 256:  # type: ignore[arg-type]  # only called on str
-        raise RecordError("invalid_value", field, "expected 1-256 characters")
+def check_cdr_id(field: str, v: object) -> None:
+    if not v or len(v) > 128:  # type: ignore[arg-type]  # only called on str
+        raise RecordError("invalid_value", field, "expected 1-128 characters")
 
 
-def _non_negative(field: str, v: object) -> None:
+def check_account(field: str, v: object) -> None:
+    if type(v) is str and not 0 < len(v) <= 256:
+        raise RecordError("invalid_value", field, "expected 1-256 characters or an integer")
+
+
+def check_non_negative(field: str, v: object) -> None:
     if v < 0:  # type: ignore[operator]  # only called on int/float
         raise RecordError("invalid_value", field, "expected a number >= 0")
-
-
-def _finite_number(field: str, v: object) -> None:
-    # orjson rejects NaN/Infinity on input, but guard the invariant here too.
-    if isinstance(v, float) and not math.isfinite(v):
-        raise RecordError("invalid_value", field, "expected a finite number")
 
 
 def _currency(field: str, v: object) -> None:
@@ -70,21 +68,26 @@ _ACCOUNT: frozenset[type] = frozenset({str, int})
 
 # field -> (allowed types, value check applied to non-null values)
 BILLING_CHECKS: dict[str, tuple[frozenset[type], ValueCheck | None]] = {
-    "cdr_id": (_STR, _non_empty),
-    "account_id": (_ACCOUNT, None),
+    "cdr_id": (_STR, check_cdr_id),
+    "account_id": (_ACCOUNT, check_account),
     "channel": (_OPT_STR, None),
     "direction": (_OPT_STR, None),
     "sender_id": (_OPT_STR, None),
     "status": (_OPT_STR, None),
-    "parts": (_OPT_INT, _non_negative),
-    "duration_s": (_OPT_NUM, _non_negative),
-    "price": (_OPT_NUM, _finite_number),
+    "parts": (_OPT_INT, check_non_negative),
+    "duration_s": (_OPT_NUM, check_non_negative),
+    # No value check: orjson rejects NaN, Infinity and overflowing numbers on input.
+    "price": (_OPT_NUM, None),
     "currency": (_OPT_STR, _currency),
     "route_id": (_OPT_STR, None),
     "mcc": (_OPT_STR, _mcc),
     "mnc": (_OPT_STR, _mnc),
     "country": (_OPT_STR, _country),
 }
+
+# Checks whose values come from small sets (codes): the transform remembers the value
+# combinations that passed, so repeated ones are not checked again.
+MEMO_CHECKED = frozenset({"currency", "mcc", "mnc", "country"})
 
 EXPECTED_TYPE = {
     _STR: "a string",

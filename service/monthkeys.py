@@ -41,6 +41,11 @@ class MonthKeys:
     pseudonym_cache: dict[str, dict[str, tuple[str, str | None]]] = field(
         default_factory=dict, repr=False
     )
+    # (identifier fields, *raw values) -> the sanitised view's additions for that
+    # combination (pseudonyms, generalised parts). Bounded by the transform.
+    combo_cache: dict[tuple[object, ...], dict[str, object]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def derive(cls, kid: str, secret: bytes) -> MonthKeys:
@@ -50,7 +55,10 @@ class MonthKeys:
         month, rclass = split_key_id(kid)
         seal_root = hkdf(secret, _INFO_SEAL_ROOT + b"/" + kid.encode())
         pkey = hkdf(secret, _INFO_PSEUDONYM + b"/" + kid.encode())
-        return cls(kid, month, rclass, seal_root, HMAC(pkey, hashes.SHA256()))
+        caches: dict[str, dict[str, tuple[str, str | None]]] = {
+            kind: {} for kind in ("msisdn", "imsi", "imei", "email", "opaque")
+        }
+        return cls(kid, month, rclass, seal_root, HMAC(pkey, hashes.SHA256()), caches)
 
     def __repr__(self) -> str:
         return f"MonthKeys({self.key_id!r})"

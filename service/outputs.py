@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class OutRecord:
+class OutRecord(NamedTuple):
     """One output record for a month topic or file.
 
     ``key`` is the account id (UTF-8): billing jobs aggregate per account.
     ``timestamp_ms`` is the event time, so the broker's time-based retention follows the
     communication's month, not the moment of processing.
+    A NamedTuple because the transform makes two per record: the hot path builds them
+    with ``tuple.__new__`` (C speed), which a dataclass's ``__init__`` cannot match.
     """
 
-    index: int  # position of the source record in the input batch
+    source: int  # position of the source record in the input batch
     month: str  # YYYY-MM
     key: bytes
     timestamp_ms: int

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import binascii
 import os
-import struct
+from binascii import b2a_base64
 
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from orjson import dumps
 
 from service.errors import SealError
 from service.monthkeys import MonthKeys, hkdf
@@ -61,14 +62,12 @@ class BatchSealer:
 
     def seal(self, identifiers: dict[str, object], cdr_id: str) -> str:
         """Seal a record's identifiers (field -> value as received); returns base64 text."""
-        self._counter += 1
-        if self._counter > _MAX_PER_BATCH:
+        n = self._counter = self._counter + 1
+        if n > _MAX_PER_BATCH:
             raise SealError("too many records in one sealing batch (limit 2^32 - 1)")
-        nonce = struct.pack(">IQ", 0, self._counter)
-        ct = self._aead.encrypt(
-            nonce, orjson.dumps(identifiers), self._aad_prefix + cdr_id.encode()
-        )
-        return binascii.b2a_base64(self._header + nonce + ct, newline=False).decode("ascii")
+        nonce = n.to_bytes(12, "big")  # 32 zero bits + the 64-bit counter
+        ct = self._aead.encrypt(nonce, dumps(identifiers), self._aad_prefix + cdr_id.encode())
+        return b2a_base64(self._header + nonce + ct, newline=False).decode()
 
 
 def blob_key_id(blob: str) -> str:

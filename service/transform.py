@@ -13,16 +13,24 @@ this is the hot path (see benchmarks/transform_bench.py and PERFORMANCE-NOTES.md
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from math import floor
+from operator import itemgetter
 from typing import Any
 
-import orjson
+from orjson import JSONDecodeError, dumps, loads
 
 from service.errors import KeyDestroyedError, RecordError
-from service.fields import BILLING_CHECKS, EXPECTED_TYPE
+from service.fields import (
+    BILLING_CHECKS,
+    EXPECTED_TYPE,
+    MEMO_CHECKED,
+    check_account,
+    check_cdr_id,
+    check_non_negative,
+)
 from service.identifiers import checker_for, general_field
 from service.keyring import Keyring
 from service.keystore.base import key_id
@@ -37,13 +45,46 @@ MAX_RECORD_BYTES = 1 << 20
 # Per month key and identifier kind; cleared when full (identifiers repeat a lot, a
 # cleared cache refills in seconds). Bounded so memory stays flat on any stream.
 PSEUDONYM_CACHE_ENTRIES = 1 << 18
-_CDR_ID_MAX = 128
 
 STRIP_PAST_DEADLINE = "past_identifier_deadline"
 STRIP_KEY_DESTROYED = "key_destroyed"
 
 _BILLING = 0
 _IDENT = 1
+
+
+_new = tuple.__new__  # builds an OutRecord without a Python-level __new__
+_Shape = tuple[tuple[str, ...], tuple[type, ...]]
+_PLAN_CACHE_ENTRIES = 4096
+_MEMO_ENTRIES = 1 << 16
+_MINUTE_CACHE_ENTRIES = 1 << 16
+_REQUIRED = (
+    ("cdr_id", "a cdr_id string"),
+    ("account_id", "an account_id"),
+    ("event_time", "an event_time"),
+)
+# ":SS" -> seconds and "fff" -> milliseconds, for the event-time fast path (a table lookup
+# both checks and converts).
+_SECONDS = {f":{i:02d}": i * 1000 for i in range(60)}
+_MILLIS = {f"{i:03d}": i for i in range(1000)}
+# Checks of required fields, done inline in the hot path.
+_INLINE_CHECKS = (check_cdr_id, check_account)
+_RFC3339 = "expected RFC 3339 (2025-11-30T23:59:59Z)"
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What to do with records of one shape (field names in order and value types)."""
+
+    # (field, checker, kind, general field, pseudonym field, MAC input prefix)
+    idents: tuple[tuple[str, Any, str, str | None, str, bytes], ...]
+    ident_fields: tuple[str, ...]
+    drop: tuple[str, ...]  # unnamed fields and null identifiers
+    nonneg: tuple[str, ...]  # numeric billing fields that must be >= 0 (non-null here)
+    checks: tuple[tuple[str, Any], ...]  # other billing fields with a per-record value check
+    memo_get: Callable[[dict[str, Any]], Any] | None  # values of the code fields
+    memo_checks: tuple[tuple[str, Any], ...]
+    memo_good: set[Any]  # code-field value tuples that passed
 
 
 @dataclass(slots=True)
@@ -92,9 +133,61 @@ class Transformer:
             if kind == "email" and not policy.email_domain:
                 gen = None
             self._spec[name] = (_IDENT, checker, kind, gen)
-        self._general_fields = tuple(
+        self._plans: dict[_Shape, _Plan] = {}
+        self._minutes: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM" (UTC) -> epoch ms
+        self._general_none = dict.fromkeys(
             g for (c, _, _, g) in self._spec.values() if c == _IDENT and g is not None
         )
+        self._class_by_country: dict[Any, RetentionClass] = dict(policy.class_by_country)
+        self._default_class = policy.default_class
+
+    # -- record shapes ------------------------------------------------------------------
+
+    def _plan(self, rec: dict[str, Any], shape: _Shape) -> _Plan:  # noqa: PLR0912
+        """Check a new shape's types and required fields; cache what to do with it."""
+        idents: list[tuple[str, Any, str, str | None, str, bytes]] = []
+        drop: list[str] = []
+        checks: list[tuple[str, Any]] = []
+        nonneg: list[str] = []
+        memo: list[tuple[str, Any]] = []
+        for k, v in rec.items():
+            s = self._spec.get(k)
+            if s is None:
+                drop.append(k)  # allow-list: a field the policy does not name is dropped
+                continue
+            cls, a, b, gen = s
+            if cls == _BILLING:
+                if a is not None and type(v) not in a:
+                    raise RecordError("wrong_type", k, f"expected {EXPECTED_TYPE[a]}")
+                if b is None or v is None or b in _INLINE_CHECKS:
+                    pass
+                elif b is check_non_negative:
+                    nonneg.append(k)
+                else:
+                    (memo if k in MEMO_CHECKED else checks).append((k, b))
+            elif v is None:
+                drop.append(k)  # a null identifier is an absent one
+            else:
+                if type(v) is not str:
+                    a(k, v)  # every identifier is a string: this raises wrong_type
+                idents.append((k, a, b, gen, k + "_pseudonym", b.encode() + b"\x00"))
+        for name, what in _REQUIRED:
+            if rec.get(name) is None:
+                raise RecordError("missing_field", name, f"every CDR needs {what}")
+        plan = _Plan(
+            idents=tuple(idents),
+            ident_fields=tuple(i[0] for i in idents),
+            drop=tuple(drop),
+            nonneg=tuple(nonneg),
+            checks=tuple(checks),
+            memo_get=itemgetter(*(f for f, _ in memo)) if memo else None,
+            memo_checks=tuple(memo),
+            memo_good=set(),
+        )
+        if len(self._plans) >= _PLAN_CACHE_ENTRIES:
+            self._plans.clear()
+        self._plans[shape] = plan
+        return plan
 
     # -- per-batch month contexts -------------------------------------------------------
 
@@ -148,48 +241,64 @@ class Transformer:
                 f"record of {len(raw)} bytes; the limit is {self.max_record_bytes}",
             )
         try:
-            rec = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+            rec = loads(raw)
+        except JSONDecodeError as exc:
             # orjson's messages describe the syntax error, never quote the document.
             raise RecordError("invalid_json", None, f"{exc.msg} at character {exc.pos}") from None
         if type(rec) is not dict:
             raise RecordError("not_an_object", None, "expected one JSON object per record")
 
-        spec = self._spec
-        san: dict[str, object] = {}
-        idents: list[tuple[str, Any, str, str | None, Any]] = []
-        for k, v in rec.items():
-            s = spec.get(k)
-            if s is None:
-                continue  # allow-list: a field the policy does not name is dropped
-            cls, a, b, gen = s
-            if cls == _BILLING:
-                if a is not None and type(v) not in a:
-                    raise RecordError("wrong_type", k, f"expected {EXPECTED_TYPE[a]}")
-                if b is not None and v is not None:
-                    b(k, v)
-                san[k] = v
-            elif v is not None:
-                idents.append((k, a, b, gen, v))
+        # A record's shape (field names in order, and each value's type) decides which
+        # fields are identifiers, which are dropped and which values need a check. Shapes
+        # repeat (a few dozen in real traffic), so the per-field dispatch runs once per
+        # shape, not once per record.
+        shape = (tuple(rec), tuple(map(type, rec.values())))
+        plan = self._plans.get(shape)
+        if plan is None:
+            plan = self._plan(rec, shape)
+        values = list(map(rec.pop, plan.ident_fields))
+        for f in plan.drop:
+            del rec[f]
+        cdr_id = rec["cdr_id"]
+        if not 0 < len(cdr_id) <= 128:  # str: the shape's types are checked
+            check_cdr_id("cdr_id", cdr_id)
+        account = rec["account_id"]
+        if type(account) is str and not 0 < len(account) <= 256:
+            check_account("account_id", account)
+        for f in plan.nonneg:
+            if rec[f] < 0:
+                check_non_negative(f, rec[f])
+        for f, check in plan.checks:
+            check(f, rec[f])
+        if plan.memo_get is not None:
+            codes = plan.memo_get(rec)
+            if codes not in plan.memo_good:
+                for f, check in plan.memo_checks:
+                    check(f, rec[f])
+                if len(plan.memo_good) >= _MEMO_ENTRIES:
+                    plan.memo_good.clear()
+                plan.memo_good.add(codes)
+        san: dict[str, Any] = rec  # what is left: the billing fields, in input order
 
-        cdr_id = san.get("cdr_id")
-        if cdr_id is None:
-            raise RecordError("missing_field", "cdr_id", "every CDR needs a cdr_id string")
-        if type(cdr_id) is not str or len(cdr_id) > _CDR_ID_MAX:
-            raise RecordError("invalid_value", "cdr_id", f"expected 1-{_CDR_ID_MAX} characters")
-        account = san.get("account_id")
-        if account is None:
-            raise RecordError("missing_field", "account_id", "every CDR needs an account_id")
-        et = san.get("event_time")
-        if et is None:
-            raise RecordError("missing_field", "event_time", "every CDR needs an event_time")
-        event_ms, month = self._event_time(et)
+        et = san["event_time"]
+        if type(et) is str and self.utc and len(et) in (20, 24) and et[-1] == "Z":
+            # Fast path for the common "...:SSZ" / "...:SS.fffZ": the minute's epoch ms is
+            # cached (records of a batch share minutes), the seconds come from a table.
+            base = self._minutes.get(et[:16])
+            sec = _SECONDS.get(et[16:19])
+            frac = 0 if len(et) == 20 else (_MILLIS.get(et[20:23]) if et[19] == "." else None)
+            if base is None or sec is None or frac is None:
+                event_ms, month = self._event_time(et)
+            else:
+                event_ms = base + sec + frac
+                month = et[:7]
+        else:
+            event_ms, month = self._event_time(et)
 
-        rclass = self.policy.class_for(san.get("country"))
-        ck = (month, rclass.name)
-        ctx = ctxs.get(ck)
+        rclass = self._class_by_country.get(san.get("country"), self._default_class)
+        ctx = ctxs.get((month, rclass.name))
         if ctx is None:
-            ctx = ctxs[ck] = self._ctx(month, rclass, now_ms)
+            ctx = ctxs[(month, rclass.name)] = self._ctx(month, rclass, now_ms)
         if event_ms > now_ms + self.future_tolerance_ms:
             raise RecordError(
                 "too_far_in_future", "event_time", "event time is later than now plus the tolerance"
@@ -200,50 +309,62 @@ class Transformer:
             )
 
         key = account.encode() if type(account) is str else str(account).encode()
-        out = dict(san)  # the sanitised view; san becomes the sealed view
-        out["month"] = month
-        out["key_id"] = ctx.kid
-        for g in self._general_fields:
-            out[g] = None
         keys = ctx.keys
         if keys is not None:
-            cache = keys.pseudonym_cache
-            proto = keys.hmac_proto
-            sealed_ids: dict[str, object] = {}
-            for field, checker, kind, gen, value in idents:
-                kc = cache.get(kind)
-                if kc is None:
-                    kc = cache[kind] = {}
-                hit = kc.get(value) if type(value) is str else None
-                if hit is None:
-                    norm, general = checker(field, value)
-                    h = proto.copy()
-                    h.update(kind.encode() + b"\x00" + norm.encode())
-                    hit = (h.finalize()[:PSEUDONYM_BYTES].hex(), general)
-                    if len(kc) >= PSEUDONYM_CACHE_ENTRIES:
-                        kc.clear()
-                    kc[value] = hit
-                out[field + "_pseudonym"] = hit[0]
-                if gen is not None:
-                    out[gen] = hit[1]
-                sealed_ids[field] = value
+            # Everything the sanitised view adds for this combination of identifiers
+            # (pseudonyms and generalised parts), cached per month key: a subscriber's
+            # (msisdn, imsi, imei) repeats across their records.
+            combo = (plan.ident_fields, *values)
+            frag = keys.combo_cache.get(combo)
+            if frag is None:
+                frag = self._fragment(keys, plan, values)
+            out = {**san, "month": month, "key_id": ctx.kid, **frag}
             sealer = ctx.sealer
             assert sealer is not None  # set together with keys
             san["month"] = month
             san["key_id"] = ctx.kid
-            san["sealed"] = sealer.seal(sealed_ids, cdr_id)
-            result.sealed.append(OutRecord(index, month, key, event_ms, orjson.dumps(san)))
+            san["sealed"] = sealer.seal(dict(zip(plan.ident_fields, values, strict=True)), cdr_id)
+            result.sealed.append(_new(OutRecord, (index, month, key, event_ms, dumps(san))))
         else:
             # Stripped: identifiers checked (a malformed one is still a rejection, so the
             # outcome does not depend on the date) but only generalised parts are kept.
-            for field, checker, _kind, gen, value in idents:
+            out = {**san, "month": month, "key_id": None, **self._general_none}
+            for (field, checker, _kind, gen, _pf, _px), value in zip(
+                plan.idents, values, strict=True
+            ):
                 _norm, general = checker(field, value)
                 if gen is not None:
                     out[gen] = general
             reason = ctx.strip_reason or STRIP_PAST_DEADLINE
             result.stripped += 1
             result.stripped_reasons[reason] = result.stripped_reasons.get(reason, 0) + 1
-        result.sanitised.append(OutRecord(index, month, key, event_ms, orjson.dumps(out)))
+        result.sanitised.append(_new(OutRecord, (index, month, key, event_ms, dumps(out))))
+
+    def _fragment(self, keys: MonthKeys, plan: _Plan, values: list[Any]) -> dict[str, Any]:
+        """Pseudonyms and generalised parts of one identifier combination; cached."""
+        frag = dict(self._general_none)
+        caches = keys.pseudonym_cache
+        for (field, checker, kind, gen, pfield, prefix), value in zip(
+            plan.idents, values, strict=True
+        ):
+            kc = caches[kind]
+            hit = kc.get(value)
+            if hit is None:
+                norm, general = checker(field, value)
+                h = keys.hmac_proto.copy()
+                h.update(prefix + norm.encode())
+                hit = (h.finalize()[:PSEUDONYM_BYTES].hex(), general)
+                if len(kc) >= PSEUDONYM_CACHE_ENTRIES:
+                    kc.clear()
+                kc[value] = hit
+            frag[pfield] = hit[0]
+            if gen is not None:
+                frag[gen] = hit[1]
+        cache = keys.combo_cache
+        if len(cache) >= PSEUDONYM_CACHE_ENTRIES:
+            cache.clear()
+        cache[(plan.ident_fields, *values)] = frag
+        return frag
 
     def _event_time(self, et: Any) -> tuple[int, str]:
         """(epoch ms, month) of an event_time: RFC 3339 text or integer epoch millis."""
@@ -260,21 +381,21 @@ class Transformer:
                 or s[16] != ":"
                 or not s.isascii()
             ):
-                raise RecordError(
-                    "invalid_value", "event_time", "expected RFC 3339 (2025-11-30T23:59:59Z)"
-                )
+                raise RecordError("invalid_value", "event_time", _RFC3339)
             try:
                 dt = datetime.fromisoformat(s)
             except ValueError:
-                raise RecordError(
-                    "invalid_value", "event_time", "expected RFC 3339 (2025-11-30T23:59:59Z)"
-                ) from None
+                raise RecordError("invalid_value", "event_time", _RFC3339) from None
             if dt.tzinfo is None:
                 raise RecordError(
                     "invalid_value", "event_time", "expected a Z or an offset such as +01:00"
                 )
             ms = floor(dt.timestamp()) * 1000 + dt.microsecond // 1000
-            if self.utc and s[-1] in "Zz":
+            if self.utc and s[-1] == "Z":
+                if len(s) in (20, 24) and s[16] == ":":
+                    if len(self._minutes) >= _MINUTE_CACHE_ENTRIES:
+                        self._minutes.clear()
+                    self._minutes[s[:16]] = ms - dt.second * 1000 - dt.microsecond // 1000
                 return ms, s[:7]
             return ms, month_of(dt, self.tz)
         if te is int:
