@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
+from service.commands.common import add_keystore_flag, keystore_url
 from service.errors import ConfigError
 from service.keystore import (
-    ENV_KEYSTORE,
     KeyInfo,
     KeyState,
     Keystore,
-    default_keystore_url,
     key_id,
     open_keystore,
 )
@@ -37,7 +35,7 @@ def register(subparsers: Any) -> None:
     keys_sub.required = True
 
     ls = keys_sub.add_parser("list", help="list every key, active or destroyed")
-    _add_keystore_flag(ls)
+    add_keystore_flag(ls)
     ls.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     ls.set_defaults(func=run_list)
 
@@ -60,28 +58,13 @@ def register(subparsers: Any) -> None:
         metavar="C",
         help="retention class of the key (default: %(default)s)",
     )
-    _add_keystore_flag(de)
+    add_keystore_flag(de)
     de.add_argument("--yes", action="store_true", help="confirm: destruction cannot be undone")
     de.set_defaults(func=run_destroy)
 
 
-def _add_keystore_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--keystore",
-        metavar="URL",
-        default=None,
-        help=f"keystore URL, e.g. file:///var/lib/cdranon/keys (default: ${ENV_KEYSTORE}, "
-        "else file://${CDRANON_HOME:-~/.local/share/cdranon}/keys)",
-    )
-
-
-def _keystore_url(args: argparse.Namespace) -> str:
-    url: str | None = args.keystore or os.environ.get(ENV_KEYSTORE, "").strip() or None
-    return url or default_keystore_url(os.environ)
-
-
 def _open(args: argparse.Namespace) -> Keystore:
-    return open_keystore(_keystore_url(args), need_secrets=False)
+    return open_keystore(keystore_url(args), need_secrets=False)
 
 
 def _info_dict(info: KeyInfo) -> dict[str, str | None]:
@@ -101,7 +84,7 @@ def run_list(args: argparse.Namespace) -> int:
         print(json.dumps([_info_dict(i) for i in infos], indent=2))
         return 0
     if not infos:
-        print(f"no keys in {_keystore_url(args)}")
+        print(f"no keys in {keystore_url(args)}")
         return 0
     rows = [
         (i.key_id, i.state.value, i.created_at or "-", i.destroyed_at or "-", i.backend)
