@@ -42,8 +42,9 @@ class MonthKeys:
         default_factory=dict, repr=False
     )
     # (identifier fields, *raw values) -> the sanitised view's additions for that
-    # combination (pseudonyms, generalised parts). Bounded by the transform.
-    combo_cache: dict[tuple[object, ...], dict[str, object]] = field(
+    # combination (pseudonyms, generalised parts) and the JSON the sealed blob encrypts.
+    # Bounded by the transform.
+    combo_cache: dict[tuple[object, ...], tuple[dict[str, object], bytes]] = field(
         default_factory=dict, repr=False
     )
 

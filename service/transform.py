@@ -315,15 +315,16 @@ class Transformer:
             # (pseudonyms and generalised parts), cached per month key: a subscriber's
             # (msisdn, imsi, imei) repeats across their records.
             combo = (plan.ident_fields, *values)
-            frag = keys.combo_cache.get(combo)
-            if frag is None:
-                frag = self._fragment(keys, plan, values)
+            hit = keys.combo_cache.get(combo)
+            if hit is None:
+                hit = self._fragment(keys, plan, values)
+            frag, plaintext = hit
             out = {**san, "month": month, "key_id": ctx.kid, **frag}
             sealer = ctx.sealer
             assert sealer is not None  # set together with keys
             san["month"] = month
             san["key_id"] = ctx.kid
-            san["sealed"] = sealer.seal(dict(zip(plan.ident_fields, values, strict=True)), cdr_id)
+            san["sealed"] = sealer.seal_json(plaintext, cdr_id)
             result.sealed.append(_new(OutRecord, (index, month, key, event_ms, dumps(san))))
         else:
             # Stripped: identifiers checked (a malformed one is still a rejection, so the
@@ -340,8 +341,11 @@ class Transformer:
             result.stripped_reasons[reason] = result.stripped_reasons.get(reason, 0) + 1
         result.sanitised.append(_new(OutRecord, (index, month, key, event_ms, dumps(out))))
 
-    def _fragment(self, keys: MonthKeys, plan: _Plan, values: list[Any]) -> dict[str, Any]:
-        """Pseudonyms and generalised parts of one identifier combination; cached."""
+    def _fragment(
+        self, keys: MonthKeys, plan: _Plan, values: list[Any]
+    ) -> tuple[dict[str, Any], bytes]:
+        """Pseudonyms and generalised parts of one identifier combination, and the JSON
+        the sealed blob encrypts; cached per month key."""
         frag = dict(self._general_none)
         caches = keys.pseudonym_cache
         for (field, checker, kind, gen, pfield, prefix), value in zip(
@@ -363,8 +367,9 @@ class Transformer:
         cache = keys.combo_cache
         if len(cache) >= PSEUDONYM_CACHE_ENTRIES:
             cache.clear()
-        cache[(plan.ident_fields, *values)] = frag
-        return frag
+        entry = (frag, dumps(dict(zip(plan.ident_fields, values, strict=True))))
+        cache[(plan.ident_fields, *values)] = entry
+        return entry
 
     def _event_time(self, et: Any) -> tuple[int, str]:
         """(epoch ms, month) of an event_time: RFC 3339 text or integer epoch millis."""
