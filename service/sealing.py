@@ -85,7 +85,7 @@ def _decode(blob: object) -> bytes:
         raise SealError("sealed blob must be a string")
     try:
         return binascii.a2b_base64(blob, strict_mode=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or ValueError for non-ASCII text
         raise SealError("sealed blob is not valid base64") from exc
 
 
