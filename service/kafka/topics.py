@@ -83,12 +83,12 @@ class TopicNames:
         return f"{self.prefix}.sanitised.{month}"
 
     def sealed_pattern(self) -> str:
-        """Regex subscription for every sealed month topic."""
-        return rf"^{re.escape(self.prefix)}\.sealed\.\d{{4}}-\d{{2}}$"
+        """Regex subscription for every sealed month topic (librdkafka's POSIX syntax)."""
+        return rf"^{re.escape(self.prefix)}\.sealed\.[0-9]{{4}}-[0-9]{{2}}$"
 
     def sanitised_pattern(self) -> str:
-        """Regex subscription for every sanitised month topic."""
-        return rf"^{re.escape(self.prefix)}\.sanitised\.\d{{4}}-\d{{2}}$"
+        """Regex subscription for every sanitised month topic (POSIX syntax)."""
+        return rf"^{re.escape(self.prefix)}\.sanitised\.[0-9]{{4}}-[0-9]{{2}}$"
 
 
 def sealed_retention_ms(
