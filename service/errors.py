@@ -70,3 +70,11 @@ class RecordError(CdranonError):
 
 class KafkaFatalError(CdranonError):
     """Kafka reported a fatal error (fenced producer, unrecoverable state); the run ends."""
+
+
+class AuditError(CdranonError):
+    """The audit log could not be opened, read or written (which target, why)."""
+
+
+class AuditWriteError(AuditError):
+    """An audit event was not durably written: the audited action must not be reported done."""
