@@ -113,6 +113,9 @@ def parse_policy(data: dict[str, Any], source: str) -> Policy:
             f"field {name!r}",
             "a name the service does not add itself",
         )
+    generated = {f + suffix for f in idents for suffix in ("_cc", "_plmn", "_tac", "_domain")}
+    clash = set(billing) & generated
+    _expect(not clash, f"fields {sorted(clash)}", "billing names other than generated ones")
     both = set(billing) & set(idents)
     _expect(not both, f"fields {sorted(both)}", "each field in one class only")
     _expect(len(set(billing)) == len(billing), "fields.billing", "no duplicates")

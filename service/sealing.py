@@ -29,7 +29,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from orjson import dumps
 
-from service.errors import SealError
+from service.errors import ConfigError, SealError
+from service.keystore.base import split_key_id
 from service.monthkeys import MonthKeys, hkdf
 
 VERSION = 1
@@ -98,8 +99,10 @@ def _split(raw: bytes) -> tuple[str, bytes, bytes, bytes]:
         raise SealError("sealed blob is truncated")
     try:
         kid = raw[2:head].decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise SealError("sealed blob has a malformed key id") from exc
+        split_key_id(kid)
+    except (UnicodeDecodeError, ConfigError):
+        # Checked here so one corrupt blob fails its own record, not the whole run.
+        raise SealError("sealed blob has a malformed key id") from None
     salt = raw[head : head + _SALT]
     nonce = raw[head + _SALT : head + _SALT + _NONCE]
     return kid, salt, nonce, raw[head + _SALT + _NONCE :]

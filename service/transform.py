@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
+from hashlib import sha256
 from math import floor
 from operator import itemgetter
 from typing import Any
 
-from orjson import JSONDecodeError, dumps, loads
+from orjson import OPT_SORT_KEYS, JSONDecodeError, dumps, loads
 
 from service.errors import KeyDestroyedError, RecordError
 from service.fields import (
@@ -32,6 +33,7 @@ from service.fields import (
     check_non_negative,
 )
 from service.identifiers import checker_for, general_field
+from service.integrity import DIGEST_FIELD
 from service.keyring import Keyring
 from service.keystore.base import key_id
 from service.monthkeys import MonthKeys
@@ -110,6 +112,7 @@ class Transformer:
         tz: tzinfo | None = None,
         future_tolerance_s: int | None = None,
         max_record_bytes: int = MAX_RECORD_BYTES,
+        integrity: bool = True,
     ) -> None:
         self.policy = policy
         self.keyring = keyring
@@ -118,6 +121,9 @@ class Transformer:
         tol = policy.future_tolerance_seconds if future_tolerance_s is None else future_tolerance_s
         self.future_tolerance_ms = tol * 1000
         self.max_record_bytes = max_record_bytes
+        # "Original form" (service/integrity.py): a digest of the billing fields as
+        # received in every sanitised record.
+        self.integrity = integrity
         # field -> (class, allowed types / checker, value check / kind, general field)
         self._spec: dict[str, tuple[int, Any, Any, str | None]] = {}
         for name in policy.billing_fields:
@@ -320,6 +326,8 @@ class Transformer:
                 hit = self._fragment(keys, plan, values)
             frag, plaintext = hit
             out = {**san, "month": month, "key_id": ctx.kid, **frag}
+            if self.integrity:
+                out[DIGEST_FIELD] = sha256(dumps(san, option=OPT_SORT_KEYS)).hexdigest()
             sealer = ctx.sealer
             assert sealer is not None  # set together with keys
             san["month"] = month
@@ -330,6 +338,8 @@ class Transformer:
             # Stripped: identifiers checked (a malformed one is still a rejection, so the
             # outcome does not depend on the date) but only generalised parts are kept.
             out = {**san, "month": month, "key_id": None, **self._general_none}
+            if self.integrity:
+                out[DIGEST_FIELD] = sha256(dumps(san, option=OPT_SORT_KEYS)).hexdigest()
             for (field, checker, _kind, gen, _pf, _px), value in zip(
                 plan.idents, values, strict=True
             ):

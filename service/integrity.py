@@ -1,0 +1,56 @@
+""" "Original form": digests of the retained (billing) fields and Merkle roots over them.
+
+Canonical encoding of a record's billing fields, the bytes the digest is taken over:
+- the billing fields exactly as received (the sanitised view keeps them unchanged), and
+  nothing the service added (month, key_id, generalised parts, pseudonyms, the digest);
+- one JSON object, keys sorted by code point (= UTF-8 byte order), no whitespace;
+- numbers as orjson writes them: integers in decimal, floats in their shortest
+  round-trip form (0.0425, 1e+16); strings as UTF-8 with JSON's minimal escapes;
+- no Unicode normalisation: "original form" means the exact characters received, so
+  two inputs that differ only in normalisation keep different digests.
+digest = SHA-256(canonical bytes), written as 64 hex digits in ``billing_digest``.
+
+Per committed batch and output partition, the processor writes the RFC 6962 Merkle root
+of the batch's digests (in offset order) to the audit log with topic, partition and the
+offset range (service/merkle.py); ``cdranon verify`` recomputes both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from hashlib import sha256
+from typing import Any
+
+import orjson
+
+from service.identifiers import general_field
+from service.policy import Policy
+
+DIGEST_FIELD = "billing_digest"
+
+
+def added_fields(policy: Policy) -> frozenset[str]:
+    """The names the service adds to a sanitised record under this policy; every other
+    field of a sanitised record is a billing field as received."""
+    names = {"month", "key_id", DIGEST_FIELD}
+    for field, kind in policy.identifier_fields.items():
+        names.add(field + "_pseudonym")
+        gen = general_field(field, kind)
+        if gen is not None:
+            names.add(gen)
+    return frozenset(names)
+
+
+def canonical(billing: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of a record's billing fields (see the module docstring)."""
+    return orjson.dumps(billing, option=orjson.OPT_SORT_KEYS)
+
+
+def digest(billing: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical bytes, hex."""
+    return sha256(canonical(billing)).hexdigest()
+
+
+def billing_part(sanitised: Mapping[str, Any], added: frozenset[str]) -> dict[str, Any]:
+    """The billing fields of a sanitised record: all but what the service added."""
+    return {k: v for k, v in sanitised.items() if k not in added}
