@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "service.commands.run",
     "service.commands.config_cmd",
     "service.commands.generate",
+    "service.commands.audit",
 )
 
 

@@ -213,6 +213,40 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class AuditSettings(_Section):
+    """Where audit events go and what signs them (docs/audit.md)."""
+
+    # file:///PATH, kafka://HOST:PORT/TOPIC, or kafka:TOPIC (brokers and security from
+    # [kafka]). None: file://${CDRANON_HOME:-~/.local/share/cdranon}/audit/audit.jsonl.
+    target: str | None = Field(default=None, min_length=1)
+    # Ed25519 private key (PEM, or the 32-byte seed as base64/hex). The environment variable
+    # CDRANON_AUDIT_SIGNING_KEY (or CDRANON_AUDIT_SIGNING_KEY_FILE) overrides both of these.
+    # Neither set: dev mode, a generated key beside the log, with a warning.
+    signing_key: SecretStr | None = None
+    signing_key_file: Path | None = None
+    # Further public keys `cdranon audit verify` trusts (earlier, rotated signing keys).
+    public_key_files: tuple[Path, ...] = ()
+    # This process's chain; None: <host>:<pid>. Give long-lived services a stable name.
+    writer: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:@/+-]{1,128}$")
+
+
+class RetentionSettings(_Section):
+    """The retention controller: pass interval, leadership, legal holds (docs/retention.md)."""
+
+    # Seconds between passes of `cdranon retention watch`.
+    interval_s: float = Field(default=3_600.0, ge=1, le=86_400)
+    # Consumer group whose single-partition lease topic elects the one active controller.
+    group_id: str = Field(default="cdranon-retention", pattern=r"^[A-Za-z0-9._-]{1,200}$")
+    # Where the hold registry lives in broker mode: the compacted <prefix>.holds topic, or
+    # JSON files beside the keys (<keystore dir>/holds/). Hold keys are always in the latter.
+    hold_store: Literal["kafka", "file"] = "kafka"
+    # Keys (and topics) of this month and this many next months exist ahead of time.
+    lead_months: int = Field(default=1, ge=0, le=24)
+    # Releasing a hold destroys its key and store at once; with this, not before the latest
+    # identifier deadline of the months it names, if that is later.
+    release_at_original_deadline: bool = False
+
+
 class Settings(BaseSettings):
     """Every setting of cdranon. Build it with :func:`load_settings`."""
 
@@ -238,6 +272,8 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @field_validator("timezone")
     @classmethod

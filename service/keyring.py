@@ -26,8 +26,15 @@ class Keyring:
         *,
         recheck_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        on_created: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_created(kid)`` runs after this keyring created a month secret (the audit
+        event ``key.created``); if it raises, the key is not handed out and the call is
+        retried on the next ``get`` of that key id, so a creation is never left unreported
+        by a live process. In a creation race between replicas more than one may report."""
         self.keystore = keystore
+        self._on_created = on_created
+        self._unreported: set[str] = set()
         self._recheck_s = recheck_s
         self._clock = clock
         self._keys: dict[str, tuple[MonthKeys, float]] = {}
@@ -61,6 +68,11 @@ class Keyring:
                 if not create:
                     raise KeyNotFoundError(kid)
                 secret = self.keystore.create_if_absent(kid)
+                if self._on_created is not None:
+                    self._unreported.add(kid)
+            if kid in self._unreported and self._on_created is not None:
+                self._on_created(kid)
+                self._unreported.discard(kid)
             keys = MonthKeys.derive(kid, secret)
             self._keys[kid] = (keys, now)
             return keys
