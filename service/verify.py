@@ -1,0 +1,213 @@
+"""Verification of retained records against the signed Merkle roots ("original form").
+
+Pure functions: the caller reads a month's sanitised records (a topic's partitions or a
+month file) and the ``integrity.root`` events of an audit log whose chain and signatures
+``service.audit.verify`` has already checked. Each root covers one range of positions
+(Kafka offsets, or line numbers of a month file) of one stream; the records in that range,
+in position order, must hash to it.
+
+Findings, per record where it can be pinned, per range where it cannot:
+- ``altered``: a record's billing fields no longer hash to its ``billing_digest``;
+- ``missing`` / ``extra``: fewer / more records in a range than its root covers;
+- ``mismatch``: same count, every record self-consistent, yet the root differs: records
+  reordered, moved, or replaced together with their digests (the signed root catches
+  all of these; a record moved to another stream shows as missing here, extra there);
+- ``unproven``: a record in no signed range (inserted, or written after the last root);
+- ``duplicate``: the same cdr_id twice in one stream.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from service.integrity import DIGEST_FIELD, billing_part, digest
+from service.merkle import inclusion_proof, root
+
+
+@dataclass(frozen=True, slots=True)
+class RootEvent:
+    """One signed ``integrity.root``: the tree over ``size`` records of ``stream`` at
+    positions ``first`` ... ``last`` (inclusive)."""
+
+    stream: str  # "topic/partition" or a month file's name
+    first: int
+    last: int
+    size: int
+    root: str  # hex
+    writer: str = ""
+    seq: int = 0
+
+    @classmethod
+    def from_event(cls, ev: Mapping[str, Any]) -> RootEvent:
+        d = ev["details"]
+        return cls(
+            stream=str(d["stream"]),
+            first=int(d["first"]),
+            last=int(d["last"]),
+            size=int(d["size"]),
+            root=str(d["root"]),
+            writer=str(ev.get("writer", "")),
+            seq=int(ev.get("seq", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: str
+    stream: str
+    position: int | None  # the record's offset or line, when one record is at fault
+    cdr_id: str | None
+    detail: str
+
+
+@dataclass
+class Report:
+    records: int = 0
+    proven: int = 0
+    ranges: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and self.records == self.proven
+
+
+def root_event_details(
+    stream: str, first: int, last: int, digests: Sequence[str]
+) -> dict[str, Any]:
+    """The details of the ``integrity.root`` event a writer records for one range."""
+    return {
+        "stream": stream,
+        "first": first,
+        "last": last,
+        "size": len(digests),
+        "root": root([bytes.fromhex(d) for d in digests]).hex(),
+    }
+
+
+def _leaf(value: bytes, added: frozenset[str]) -> tuple[str | None, str | None, bool]:
+    """(recomputed digest, cdr_id, self-consistent) of one sanitised record."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None, None, False
+    if not isinstance(doc, dict):
+        return None, None, False
+    d = digest(billing_part(doc, added))
+    cdr_id = doc.get("cdr_id")
+    return d, cdr_id if isinstance(cdr_id, str) else None, doc.get(DIGEST_FIELD) == d
+
+
+def verify_stream(
+    stream: str,
+    records: Iterable[tuple[int, bytes]],
+    roots: Iterable[RootEvent],
+    added: frozenset[str],
+) -> Report:
+    """Check one stream's records (position, value) against the roots that cover it."""
+    rep = Report()
+    recs = sorted(records)
+    rep.records = len(recs)
+    leaves: dict[int, tuple[str | None, str | None, bool]] = {}
+    ids: Counter[str] = Counter()
+    for pos, value in recs:
+        leaf = leaves[pos] = _leaf(value, added)
+        if not leaf[2]:
+            rep.findings.append(
+                Finding(
+                    "altered", stream, pos, leaf[1], "billing fields do not match billing_digest"
+                )
+            )
+        if leaf[1] is not None:
+            ids[leaf[1]] += 1
+    for cid, n in ids.items():
+        if n > 1:
+            rep.findings.append(
+                Finding("duplicate", stream, None, cid, f"cdr_id appears {n} times")
+            )
+
+    covered: set[int] = set()
+    positions = [p for p, _ in recs]
+    for ev in sorted(roots, key=lambda e: e.first):
+        rep.ranges += 1
+        inside = [p for p in positions if ev.first <= p <= ev.last]
+        covered.update(inside)
+        finding = _check_range(stream, ev, inside, leaves)
+        if finding is None:
+            rep.proven += len(inside)
+        elif finding.kind:
+            rep.findings.append(finding)
+    for p in positions:
+        if p not in covered:
+            rep.findings.append(
+                Finding("unproven", stream, p, leaves[p][1], "record is in no signed range")
+            )
+    return rep
+
+
+def _check_range(
+    stream: str,
+    ev: RootEvent,
+    inside: list[int],
+    leaves: Mapping[int, tuple[str | None, str | None, bool]],
+) -> Finding | None:
+    """None if the range proves out; a Finding (kind "" = already explained) if not."""
+    where = f"positions {ev.first}-{ev.last}"
+    if len(inside) < ev.size:
+        n = ev.size - len(inside)
+        return Finding("missing", stream, None, None, f"{n} record(s) missing at {where}")
+    if len(inside) > ev.size:
+        n = len(inside) - ev.size
+        return Finding("extra", stream, None, None, f"{n} record(s) too many at {where}")
+    digests = [leaves[p][0] for p in inside]
+    if any(d is None for d in digests) or any(not leaves[p][2] for p in inside):
+        # Altered records explain a mismatch and are reported one by one already.
+        return Finding("", stream, None, None, "")
+    if root([bytes.fromhex(d) for d in digests if d is not None]).hex() == ev.root:
+        return None
+    return Finding(
+        "mismatch",
+        stream,
+        None,
+        None,
+        f"records at {where} do not hash to the signed root (replaced or reordered records)",
+    )
+
+
+def proof_for(
+    cdr_id: str,
+    stream: str,
+    records: Iterable[tuple[int, bytes]],
+    roots: Iterable[RootEvent],
+    added: frozenset[str],
+) -> dict[str, Any] | None:
+    """An inclusion proof a third party can check: the record's canonical billing fields,
+    its leaf index in the range's tree, the audit path and the signed root's range."""
+    recs = sorted(records)
+    for ev in roots:
+        inside = [(p, v) for p, v in recs if ev.first <= p <= ev.last]
+        for i, (pos, value) in enumerate(inside):
+            doc = orjson.loads(value)
+            if doc.get("cdr_id") != cdr_id:
+                continue
+            digests = [bytes.fromhex(_leaf(v, added)[0] or "00" * 32) for _, v in inside]
+            billing = billing_part(doc, added)
+            return {
+                "cdr_id": cdr_id,
+                "stream": stream,
+                "position": pos,
+                "billing": billing,
+                "billing_digest": digests[i].hex(),
+                "leaf_index": i,
+                "tree_size": len(inside),
+                "proof": [h.hex() for h in inclusion_proof(i, digests)],
+                "root": ev.root,
+                "range": {"first": ev.first, "last": ev.last},
+                "audit_event": {"writer": ev.writer, "seq": ev.seq},
+            }
+    return None
