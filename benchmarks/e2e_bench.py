@@ -1,0 +1,388 @@
+"""End to end through the local broker: ``cdranon run`` against a plain passthrough.
+
+    python -m benchmarks.e2e_bench [--records 100000] [--rounds 3] [--bootstrap HOST:PORT]
+
+Three processors read the same bytes from an input topic and write them out, each in its
+own process (so the bench's producer and reader do not share its GIL):
+
+- ``cdranon``: ``cdranon run`` (transform + one transaction per batch, the real service);
+- ``passthrough-txn``: confluent-kafka consume -> produce of the same bytes, one
+  transaction per batch with the offsets (the same exactly-once plumbing, no transform);
+- ``passthrough-plain``: consume -> produce, offsets committed by the consumer after a
+  flush (at-least-once): the ceiling of Python + librdkafka on this machine.
+
+Throughput: the processor is running and warmed up (month topics exist, partitions
+assigned); the bench produces ``--records`` CDRs as fast as it can and measures from the
+first produce to the moment the group's committed offsets cover them all (polled every
+20 ms). Median of ``--rounds``. Latency: records produced at 50% of the measured rate for
+``--latency-s`` seconds; a read_committed reader in the bench notes when each cdr_id
+appears in the output; p50/p99 of (seen - produced). The core transform alone is
+measured on one core over the same records (thread CPU time). Results:
+benchmarks/results/e2e.json. Not a test: numbers, to be compared as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+# NewTopic lives in cimpl; confluent_kafka.admin re-exports it without declaring it.
+from confluent_kafka.cimpl import NewTopic
+
+from benchmarks.common import machine, median, rounds, write_results
+from service.devkafka import LocalKafka
+from service.generator import generate_cdrs
+from service.keyring import Keyring
+from service.keystore import generate_master_key, open_keystore
+from service.months import add_months, month_of, now_utc
+from service.policy import load_policy
+from service.transform import Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 10_000
+
+
+def _months() -> list[str]:
+    y, m = (int(p) for p in month_of(now_utc()).split("-"))
+    out = []
+    for back in (2, 1, 0):
+        y2, m2 = add_months(y, m, -back)
+        out.append(f"{y2:04d}-{m2:02d}")
+    return out
+
+
+# -- the passthrough processes ------------------------------------------------------------
+
+
+def passthrough(bootstrap: str, src: str, dst: str, group: str, txn: bool) -> None:
+    """Consume ``src``, produce the same bytes to ``dst``; until SIGTERM."""
+    import signal  # noqa: PLC0415 - only the child process needs it
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    pconf: dict[str, Any] = {"bootstrap.servers": bootstrap, "linger.ms": 10}
+    if txn:
+        pconf["transactional.id"] = f"pt-{uuid.uuid4().hex[:8]}"
+    producer = Producer(pconf)
+    if txn:
+        producer.init_transactions(30)
+    consumer.subscribe([src])
+    while not stop.is_set():
+        msgs = [m for m in consumer.consume(BATCH, 0.1) if m.error() is None]
+        if not msgs:
+            continue
+        if txn:
+            producer.begin_transaction()
+        offsets: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            value = m.value()
+            while True:
+                try:
+                    producer.produce(dst, value, m.key(), timestamp=m.timestamp()[1])
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            offsets[(m.topic() or "", m.partition() or 0)] = (m.offset() or 0) + 1
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        if txn:
+            producer.send_offsets_to_transaction(tps, consumer.consumer_group_metadata(), 30)
+            producer.commit_transaction(30)
+        else:
+            producer.flush(30)
+            consumer.commit(offsets=tps, asynchronous=False)
+    consumer.close()
+
+
+# -- the orchestration ---------------------------------------------------------------------
+
+
+class Proc:
+    """A processor subprocess."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.p = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", *args],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait(10)
+
+
+def _committed(bootstrap: str, group: str, topic: str, parts: int) -> int:
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "isolation.level": "read_uncommitted",
+        }
+    )
+    try:
+        got = c.committed([TopicPartition(topic, p) for p in range(parts)], timeout=10)
+        return sum(max(0, tp.offset) for tp in got)
+    finally:
+        c.close()
+
+
+def _produce(
+    bootstrap: str, topic: str, values: list[bytes], rate: float | None = None
+) -> dict[str, float]:
+    """Produce ``values`` (at ``rate``/s if given); return cdr_id -> produce wall time."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    sent: dict[str, float] = {}
+    start = time.monotonic()
+    for i, v in enumerate(values):
+        if rate is not None:
+            ahead = i / rate - (time.monotonic() - start)
+            if ahead > 0.002:
+                time.sleep(ahead)  # pacing at the target rate
+        while True:
+            try:
+                producer.produce(topic, v)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if rate is not None:
+            sent[orjson.loads(v)["cdr_id"]] = time.time()
+        producer.poll(0)
+    producer.flush(60)
+    return sent
+
+
+def _wait_committed(
+    bootstrap: str, group: str, topic: str, target: int, timeout_s: float = 300
+) -> float:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if _committed(bootstrap, group, topic, 3) >= target:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"group {group} did not reach {target} committed records")
+        time.sleep(0.02)  # resolution of the end time
+
+
+def _reader(bootstrap: str, pattern: str, seen: dict[str, float], stop: threading.Event) -> None:
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "latest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "topic.metadata.refresh.interval.ms": 1000,
+        }
+    )
+    c.subscribe([pattern])
+    while not stop.is_set():
+        for m in c.consume(5000, 0.05):
+            if m.error() is None and m.value():
+                now = time.time()
+                try:
+                    cid = orjson.loads(m.value() or b"{}").get("cdr_id")
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(cid, str) and cid not in seen:
+                    seen[cid] = now
+    c.close()
+
+
+def _scenario(
+    name: str,
+    bootstrap: str,
+    args: argparse.Namespace,
+    data: list[list[bytes]],
+    warm: list[bytes],
+    latency_data: list[bytes],
+) -> dict[str, Any]:
+    tag = f"{name}-{uuid.uuid4().hex[:6]}"
+    src, group = f"{tag}.raw", f"{tag}-g"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(src, 3, 1), NewTopic(f"{tag}.out", 3, 1)]).values():
+        f.result()
+    env: dict[str, str] = {}
+    if name == "cdranon":
+        keys = Path(tempfile.mkdtemp(prefix="e2e-keys-"))
+        env = {
+            "CDRANON_MASTER_KEY": generate_master_key(),
+            "CDRANON_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "CDRANON_KAFKA__TOPIC_PREFIX": tag,
+            "CDRANON_KAFKA__GROUP_ID": group,
+            "CDRANON_KEYSTORE": f"file://{keys}",
+            "CDRANON_METRICS__ENABLED": "false",
+            "CDRANON_LOGGING__LEVEL": "WARNING",
+            "CDRANON_TOPICS__REPLICATION_FACTOR": "1",
+        }
+        proc = Proc(["service.cli", "run"], env)
+        pattern = rf"^{tag}\.(sanitised)\.[0-9]{{4}}-[0-9]{{2}}$"
+    else:
+        proc = Proc(
+            [
+                "benchmarks.e2e_bench",
+                "--role",
+                name,
+                "--bootstrap",
+                bootstrap,
+                "--src",
+                src,
+                "--dst",
+                f"{tag}.out",
+                "--group",
+                group,
+            ],
+            {},
+        )
+        pattern = f"^{tag}\\.out$"
+    try:
+        total = len(warm)
+        _produce(bootstrap, src, warm)
+        _wait_committed(bootstrap, group, src, total)
+        rates = []
+        for batch in data:
+            t0 = time.monotonic()
+            _produce(bootstrap, src, batch)
+            total += len(batch)
+            t1 = _wait_committed(bootstrap, group, src, total)
+            rates.append(len(batch) / (t1 - t0))
+        rate = median(rates)
+        # Latency at half the measured rate.
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+        reader = threading.Thread(target=_reader, args=(bootstrap, pattern, seen, stop))
+        reader.start()
+        time.sleep(3)  # the reader joins and positions at the end before the timed records
+        n = min(len(latency_data), int(rate / 2 * args.latency_s))
+        sent = _produce(bootstrap, src, latency_data[:n], rate=rate / 2)
+        total += n
+        _wait_committed(bootstrap, group, src, total)
+        deadline = time.monotonic() + 30
+        while len(seen) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the reader catches up with the committed output
+        stop.set()
+        reader.join(30)
+        lat = sorted(seen[c] - t for c, t in sent.items() if c in seen)
+        q = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
+        return {
+            "records_per_s": round(rate),
+            "rounds_records_per_s": [round(r) for r in rates],
+            "latency_rate_per_s": round(rate / 2),
+            "latency_records": len(lat),
+            "latency_p50_ms": round(q[49] * 1000, 1),
+            "latency_p99_ms": round(q[98] * 1000, 1),
+        }
+    finally:
+        proc.stop()
+
+
+def _core(values: list[bytes], n_rounds: int) -> dict[str, Any]:
+    """The transform alone, on one core, over the same bytes (thread CPU time)."""
+    keys = Path(tempfile.mkdtemp(prefix="e2e-core-"))
+    env = {"CDRANON_MASTER_KEY": generate_master_key()}
+    t = Transformer(load_policy(None), Keyring(open_keystore(f"file://{keys}", env=env)))
+    now_ms = int(time.time() * 1000)
+    batches = [values[i : i + BATCH] for i in range(0, len(values), BATCH)]
+
+    def run() -> None:
+        for b in batches:
+            t.transform(b, now_ms)
+
+    secs = median(rounds(run, n_rounds))
+    return {
+        "records_per_s": round(len(values) / secs),
+        "ns_per_record": round(secs / len(values) * 1e9),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--latency-s", type=float, default=10.0)
+    ap.add_argument("--bootstrap", default=os.environ.get("CDRANON_BOOTSTRAP", ""))
+    ap.add_argument("--only", default="cdranon,passthrough-txn,passthrough-plain")
+    ap.add_argument("--role", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--src", help=argparse.SUPPRESS)
+    ap.add_argument("--dst", help=argparse.SUPPRESS)
+    ap.add_argument("--group", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.role:
+        passthrough(
+            args.bootstrap, args.src, args.dst, args.group, txn=args.role == "passthrough-txn"
+        )
+        return 0
+
+    months = _months()
+    now = now_utc()
+    need = args.records * args.rounds
+    print(f"generating {need + 2000 + args.records} records over {months} ...", flush=True)
+    allv = list(generate_cdrs(need + args.records + 2000, months=months, seed=11, now=now))
+    warm = allv[:2000]
+    data = [
+        allv[2000 + i * args.records : 2000 + (i + 1) * args.records] for i in range(args.rounds)
+    ]
+    latency_data = allv[2000 + need :]
+
+    broker: LocalKafka | None = None
+    bootstrap = args.bootstrap
+    if not bootstrap:
+        broker = LocalKafka(Path(tempfile.mkdtemp(prefix="e2e-kafka-")), watch_pid=os.getpid())
+        bootstrap = broker.start()
+    results: dict[str, Any] = {"machine": machine(), "records": args.records, "rounds": args.rounds}
+    try:
+        for name in args.only.split(","):
+            print(f"{name} ...", flush=True)
+            # Each scenario gets its own fresh copy of the bytes (the same bytes).
+            results[name] = _scenario(name, bootstrap, args, data, warm, latency_data)
+            print(f"  {results[name]}", flush=True)
+    finally:
+        if broker is not None:
+            broker.stop()
+    results["core_transform_one_core"] = _core(data[0], args.rounds)
+    core = results["core_transform_one_core"]["records_per_s"]
+    if "cdranon" in results:
+        e2e = results["cdranon"]["records_per_s"]
+        results["ratio_e2e_to_core"] = round(e2e / core, 3)
+        results["target_ratio_e2e_to_core"] = 0.8
+        for ceiling in ("passthrough-txn", "passthrough-plain"):
+            if ceiling in results:
+                results[f"ratio_e2e_to_{ceiling}"] = round(
+                    e2e / results[ceiling]["records_per_s"], 3
+                )
+    path = write_results("e2e", results)
+    print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
