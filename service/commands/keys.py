@@ -7,11 +7,14 @@ work even when the master key is lost (that is when an operator most wants it to
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 from typing import Any
 
+from service.audit import check_free_text
+from service.commands.audit import add_audit_flag, auditor_from_args
 from service.commands.common import add_keystore_flag, keystore_url
-from service.errors import ConfigError
+from service.errors import AuditWriteError, ConfigError
 from service.keystore import (
     KeyInfo,
     KeyState,
@@ -60,6 +63,14 @@ def register(subparsers: Any) -> None:
     )
     add_keystore_flag(de)
     de.add_argument("--yes", action="store_true", help="confirm: destruction cannot be undone")
+    de.add_argument(
+        "--reason",
+        default="manual destruction",
+        metavar="TEXT",
+        help="why (recorded in the audit log; default: %(default)s)",
+    )
+    de.add_argument("--by", default=None, metavar="WHO", help="who (default: the OS user)")
+    add_audit_flag(de)
     de.set_defaults(func=run_destroy)
 
 
@@ -105,9 +116,29 @@ def run_destroy(args: argparse.Namespace) -> int:
             f"refusing to destroy key {kid} without --yes: destruction cannot be undone "
             "and makes every identifier sealed under it unrecoverable"
         )
+    check_free_text(args.reason, what="--reason")
     store = _open(args)
-    before = next((i for i in store.list() if i.key_id == kid), None)
-    existed = store.destroy(kid)
+    # Opened before destroying: a misconfigured audit log stops us while nothing happened.
+    with auditor_from_args(args) as auditor:
+        before = next((i for i in store.list() if i.key_id == kid), None)
+        existed = store.destroy(kid)
+        if existed or before is None or before.state is not KeyState.DESTROYED:
+            # Destroyed now (or tombstoned so it can never be created). If this write
+            # fails the error says so and no success line is printed.
+            try:
+                auditor.record(
+                    "key.destroyed",
+                    actor=args.by or getpass.getuser(),
+                    reason=args.reason,
+                    key_id=kid,
+                    existed=existed,
+                    via="cdranon keys destroy",
+                )
+            except AuditWriteError as exc:
+                raise AuditWriteError(
+                    f"key {kid} was destroyed, but its audit event was not written ({exc}); "
+                    "record it by hand and fix the audit log"
+                ) from None
     if before is not None and before.state is KeyState.DESTROYED and not existed:
         print(f"key {kid} was already destroyed at {before.destroyed_at or 'an unknown time'}")
     elif existed:

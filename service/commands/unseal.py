@@ -1,28 +1,27 @@
 """``cdranon unseal``: restore the identifiers of sealed records (fraud, disputes).
 
-Every read of sealed identifiers is an audit event (RETENTION-RULES.md). Until the audit
-log lands (retention issue), each run logs who-why-what to the ``cdranon.audit`` logger
-on stderr, without identifiers.
+Every read of sealed identifiers is an audit event (RETENTION-RULES.md): each run records
+one ``unseal`` event (who, why, which key ids and months, how many records opened and
+failed; never an identifier) and prints nothing until that event is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from service.audit import Auditor, check_free_text
+from service.commands.audit import add_audit_flag, auditor_from_args
 from service.commands.common import add_keystore_flag, keystore_url
 from service.errors import ConfigError, KeystoreError, SealError
 from service.keyring import Keyring
 from service.keystore import open_keystore
 from service.sealing import Unsealer, blob_key_id
-
-log = logging.getLogger("cdranon.audit")
 
 
 def register(subparsers: Any) -> None:
@@ -36,18 +35,34 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--input", required=True, metavar="FILE|-", help="sealed JSON Lines, - = stdin")
     p.add_argument(
-        "--reason", default=None, metavar="TEXT", help="why (recorded in the audit trail)"
+        "--reason",
+        required=True,
+        metavar="TEXT",
+        help="why, e.g. a case number (recorded in the audit log; never an identifier)",
     )
     p.add_argument("--by", default=None, metavar="WHO", help="who asks (default: the OS user)")
     add_keystore_flag(p)
+    add_audit_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_free_text(args.reason, what="--reason")
+    who = args.by or getpass.getuser()
+    # Opened first: without a working audit log nothing is unsealed.
+    auditor = auditor_from_args(args)
+    try:
+        return _unseal(args, who, auditor)
+    finally:
+        auditor.close()
+
+
+def _unseal(args: argparse.Namespace, who: str, auditor: Auditor) -> int:
     keyring = Keyring(open_keystore(keystore_url(args)))
     unsealers: dict[str, Unsealer] = {}
     failed = ok = 0
-    who = args.by or getpass.getuser()
+    opened: list[bytes] = []
+    tried: set[str] = set()  # key ids asked for, opened or not: both are reads to account for
     if args.input == "-":
         lines = sys.stdin.buffer.read().splitlines()
     else:
@@ -64,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             if not isinstance(rec, dict) or "sealed" not in rec or "cdr_id" not in rec:
                 raise SealError("not a sealed record (needs cdr_id and sealed)")
             kid = blob_key_id(rec["sealed"])
+            tried.add(kid)
             u = unsealers.get(kid)
             if u is None:
                 u = unsealers[kid] = Unsealer(keyring.get(kid, create=False))
@@ -77,18 +93,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"cdranon: line {n}: not valid JSON", file=sys.stderr)
             continue
         rec.update(idents)
-        out.write(orjson.dumps(rec) + b"\n")
+        opened.append(orjson.dumps(rec) + b"\n")
         ok += 1
-    out.flush()
-    log.warning(
-        "unseal by=%s reason=%s input=%s records=%d failed=%d keys=%s",
-        who,
-        args.reason or "(none given)",
-        args.input,
-        ok,
-        failed,
-        ",".join(sorted(unsealers)) or "-",
+    kids = sorted(tried)
+    # Written (and durable) before any identifier is shown: AuditWriteError stops here.
+    auditor.record(
+        "unseal",
+        actor=who,
+        reason=args.reason,
+        key_ids=kids,
+        months=sorted({k.partition("/")[0] for k in kids}),
+        records=ok,
+        failed=failed,
+        input="stdin" if args.input == "-" else "file",
     )
+    out.writelines(opened)
+    out.flush()
     if failed:
         print(f"cdranon: {failed} record(s) could not be unsealed", file=sys.stderr)
         return 1

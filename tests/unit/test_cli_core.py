@@ -21,6 +21,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("CDRANON_MASTER_KEY", base64.b64encode(b"\x07" * 32).decode())
     monkeypatch.delenv("CDRANON_KEYSTORE", raising=False)
     monkeypatch.delenv("CDRANON_POLICY", raising=False)
+    # unseal and keys destroy write audit events: keep them (and the dev key) in tmp.
+    monkeypatch.setenv("CDRANON_HOME", str(tmp_path / "home"))
     return tmp_path
 
 
@@ -132,7 +134,7 @@ def test_unseal_restores_and_destroyed_key_fails_per_record(
 
     assert main(["keys", "destroy", "--month", "2026-09", "--keystore", ks, "--yes"]) == 0
     capsys.readouterr()
-    assert main(["unseal", "--input", str(sealed), "--keystore", ks]) == 1
+    assert main(["unseal", "--input", str(sealed), "--keystore", ks, "--reason", "t"]) == 1
     cap = capsys.readouterr()
     assert len(cap.out.splitlines()) == 1  # the 2026-10 record still opens
     assert "line 2" in cap.err
