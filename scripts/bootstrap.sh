@@ -23,6 +23,9 @@ if ((${#missing[@]})); then
     fi
 fi
 
+# SoftHSM2, the PKCS#11 token the pkcs11 keystore is tested on (apt-get when missing).
+"$ROOT/scripts/softhsm.sh" install
+
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "bootstrap: Python 3.11+ is required (found $("$PY" --version))" >&2; exit 1; }
 

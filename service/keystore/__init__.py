@@ -1,9 +1,16 @@
 """Keystores of month secrets, chosen by URL.
 
-``file://DIR`` (absolute ``file:///var/lib/cdranon/keys`` or relative ``file://keys``;
-``file:keys`` works too) is the embedded default: see service/keystore/file.py. Without a
-configured master key it runs in dev mode, generating ``DIR/master.key`` with a warning.
-Further backends (``pkcs11://`` for an HSM) plug in at ``open_keystore``.
+- ``file://DIR`` (absolute ``file:///var/lib/cdranon/keys`` or relative ``file://keys``;
+  ``file:keys`` works too) is the embedded default: see service/keystore/file.py. Without a
+  configured master key it runs in dev mode, generating ``DIR/master.key`` with a warning.
+- ``kafka://HOST:PORT[,HOST:PORT]/cdr.keys``: month secrets wrapped by the master key
+  (``CDRANON_MASTER_KEY``, no dev mode: replicas must share it) in the compacted topic,
+  shared by replicas on many machines (service/keystore/shared.py).
+- ``pkcs11:///path/to/module.so?token=LABEL&pin-env=VAR&store=STORE``: a non-extractable
+  per-month KEK in an HSM (service/keystore/pkcs11.py); the PIN is read from the
+  environment variable ``pin-env`` names (default ``CDRANON_HSM_PIN``), never from the URL.
+  ``STORE`` is where the wrapped secrets go: ``kafka://HOST:PORT/cdr.keys`` (replicas on
+  many machines) or ``file:///DIR`` (one machine). See docs/key-management.md.
 """
 
 from __future__ import annotations
@@ -29,10 +36,18 @@ from service.keystore.master import (
     generate_master_key,
     load_master_key,
 )
+from service.keystore.pkcs11 import Pkcs11Wrapper, parse_pkcs11_url
+from service.keystore.shared import (
+    DirectoryStore,
+    MasterKeyWrapper,
+    WrappedKeystore,
+    WrappedStore,
+    topic_store_from_url,
+)
 
 ENV_HOME = "CDRANON_HOME"
 ENV_KEYSTORE = "CDRANON_KEYSTORE"
-SUPPORTED_SCHEMES = ("file://",)
+SUPPORTED_SCHEMES = ("file://", "kafka://", "pkcs11://")
 
 
 def default_keystore_url(env: Mapping[str, str]) -> str:
@@ -62,14 +77,21 @@ def keystore_directory(url: str) -> Path:
 
 
 def _unknown_backend(scheme: str) -> ConfigError:
-    if scheme.lower() == "pkcs11":
-        # The HSM backend lands with its own issue; until then say so plainly.
-        return ConfigError(
-            "keystore backend pkcs11:// is not available in this version; "
-            f"supported: {', '.join(SUPPORTED_SCHEMES)}"
-        )
     return ConfigError(
         f"unknown keystore backend {scheme}://; supported: {', '.join(SUPPORTED_SCHEMES)}"
+    )
+
+
+def _open_store(url: str, *, need_secrets: bool) -> WrappedStore:
+    """The wrapped-secret store of a ``store=`` URL: ``kafka://...`` or ``file://DIR``."""
+    scheme = url.partition(":")[0].lower()
+    if scheme == "kafka":
+        return topic_store_from_url(url)
+    if scheme == "file":
+        return DirectoryStore(keystore_directory(url), create=need_secrets)
+    raise ConfigError(
+        f"invalid wrapped-secret store {url!r} in the pkcs11 keystore URL: expected "
+        "store=kafka://HOST:PORT/cdr.keys or store=file:///DIR"
     )
 
 
@@ -89,6 +111,25 @@ def open_keystore(
     Raises ConfigError (bad URL), KeystoreError / MasterKeyError (see load_master_key).
     """
     environ: Mapping[str, str] = os.environ if env is None else env
+    scheme = url.partition(":")[0].lower()
+    if scheme == "pkcs11":
+        cfg = parse_pkcs11_url(url)
+        if cfg.store is None:
+            raise ConfigError(
+                "pkcs11 keystore URL: store= is required: where the wrapped month secrets "
+                "live (store=kafka://HOST:PORT/cdr.keys, or store=file:///DIR on one machine)"
+            )
+        # The token is needed even for destroy: destroying the month KEK is the point.
+        wrapper = Pkcs11Wrapper(cfg, env=environ)
+        try:
+            return WrappedKeystore(wrapper, _open_store(cfg.store, need_secrets=need_secrets))
+        except BaseException:
+            wrapper.close()
+            raise
+    if scheme == "kafka":
+        # No dev mode here: replicas on other machines must share one configured master key.
+        master = load_master_key(env=environ) if need_secrets else None
+        return WrappedKeystore(MasterKeyWrapper(master), topic_store_from_url(url))
     directory = keystore_directory(url)
     if not need_secrets:
         return FileKeystore(directory, None, create=False)
@@ -108,6 +149,7 @@ __all__ = [
     "KeyState",
     "Keystore",
     "MasterKey",
+    "WrappedKeystore",
     "default_keystore_url",
     "generate_master_key",
     "key_id",
