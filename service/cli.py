@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "service.commands.config_cmd",
     "service.commands.generate",
     "service.commands.audit",
+    "service.commands.retention",
+    "service.commands.hold",
 )
 
 

@@ -215,3 +215,56 @@ def serve(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
     """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread."""
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread)
+
+
+RETENTION_ACTIONS = (
+    "create_key",
+    "create_topics",
+    "copy_hold",
+    "destroy_key",
+    "delete_sealed",
+    "delete_sanitised",
+    "prune_rejected",
+    "destroy_hold",
+)
+RETENTION_OUTCOMES = ("done", "skipped", "failed", "blocked")
+
+
+class RetentionMetrics:
+    """The retention controller's metrics, including the compliance gauges an SRE pages on."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.month_keys = Gauge(
+            "cdranon_month_keys", "Month keys in the keystore, by state.", ["state"], registry=r
+        )
+        self.holds_active = Gauge(
+            "cdranon_legal_holds_active", "Legal holds placed and not released.", registry=r
+        )
+        self.overdue = Gauge(
+            "cdranon_retention_overdue_seconds",
+            "Seconds past the oldest deadline whose action is not done (0 when all is well).",
+            registry=r,
+        )
+        self.oldest_identifiable_age = Gauge(
+            "cdranon_oldest_identifiable_month_age_seconds",
+            "Age of the oldest month whose key still exists (start of month to now).",
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "cdranon_retention_last_success_timestamp_seconds",
+            "When the last retention pass with no failure ran (its 'now').",
+            registry=r,
+        )
+        self.actions = Counter(
+            "cdranon_retention_actions",
+            "Retention actions by kind and outcome (done, skipped, failed, blocked).",
+            ["action", "outcome"],
+            registry=r,
+        )
+        for state in ("active", "destroyed"):
+            self.month_keys.labels(state).set(0)
+        for action in RETENTION_ACTIONS:
+            for outcome in RETENTION_OUTCOMES:
+                self.actions.labels(action, outcome)
