@@ -52,6 +52,7 @@ KEK_BITS: Final = 256
 KEK_ID_BYTES: Final = 16
 
 log = logging.getLogger("cdranon.keystore")
+_PROCESS_LOCK = threading.RLock()
 
 # Errors meaning the token or our session went away: pause and retry, never fail a record.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -159,10 +160,15 @@ class Pkcs11Wrapper:
             )
         self.config = config
         self._pin = pin
-        self._lock = threading.RLock()
+        # One lock for every wrapper of the process: the module is loaded once per process,
+        # and python-pkcs11 does not ask it for thread-safe operation (concurrent calls from
+        # two sessions crashed SoftHSM2 in tests). The token is not on the per-record path.
+        self._lock = _PROCESS_LOCK
         try:
-            self._lib = pkcs11.lib(config.module)
-            self._token = self._lib.get_token(token_label=config.token)
+            with self._lock:
+                self._lib = pkcs11.lib(config.module)
+                self._token = self._lib.get_token(token_label=config.token)
+                mechanisms = self._token.slot.get_mechanisms()
         except p11e.NoSuchToken as exc:
             raise ConfigError(
                 f"no token labelled {config.token!r} in {config.module} "
@@ -173,7 +179,6 @@ class Pkcs11Wrapper:
             raise KeystoreUnavailableError(
                 f"cannot open PKCS#11 module {config.module}: {exc.__class__.__name__}"
             ) from exc
-        mechanisms = self._token.slot.get_mechanisms()
         if Mechanism.AES_GCM not in mechanisms:
             raise KeystoreError(
                 f"token {config.token!r} does not offer CKM_AES_GCM, which the pkcs11 "
