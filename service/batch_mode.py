@@ -20,9 +20,11 @@ from typing import IO
 
 import orjson
 
+from service.audit import Auditor
 from service.errors import ConfigError
 from service.outputs import BatchResult
 from service.transform import Transformer
+from service.verify import root_event_details
 
 DEFAULT_BATCH = 5000
 
@@ -64,6 +66,8 @@ class MonthFiles:
         except OSError as exc:
             raise ConfigError(f"cannot create output directory {out}: {exc.strerror}") from exc
         self._files: dict[Path, IO[bytes]] = {}
+        # Lines in each month file so far: a record's position for the integrity roots.
+        self._lines: dict[Path, int] = {}
 
     def _open(self, path: Path, mode: int) -> IO[bytes]:
         f = self._files.get(path)
@@ -75,8 +79,17 @@ class MonthFiles:
             f = self._files[path] = os.fdopen(fd, "ab", buffering=1 << 16)
         return f
 
-    def write(self, kind: str, month: str, value: bytes) -> None:
-        self._open(self.out / kind / f"{month}.jsonl", 0o640).write(value + b"\n")
+    def write(self, kind: str, month: str, value: bytes) -> int:
+        """Append one record; return its position (0-based line) in the month file."""
+        path = self.out / kind / f"{month}.jsonl"
+        f = self._open(path, 0o640)
+        pos = self._lines.get(path)
+        if pos is None:
+            f.flush()
+            pos = _count_lines(path)
+        f.write(value + b"\n")
+        self._lines[path] = pos + 1
+        return pos
 
     def reject(self, line: int, reason: str, fld: str | None, message: str, raw: bytes) -> None:
         doc: dict[str, object] = {"line": line, "reason": reason, "field": fld, "message": message}
@@ -86,12 +99,24 @@ class MonthFiles:
             doc["original_base64"] = base64.b64encode(raw).decode("ascii")
         self._open(self.out / "rejected.jsonl", 0o600).write(orjson.dumps(doc) + b"\n")
 
+    def flush(self) -> None:
+        for f in self._files.values():
+            f.flush()
+
     def close(self) -> None:
         for f in self._files.values():
             f.flush()
             os.fsync(f.fileno())
             f.close()
         self._files.clear()
+
+
+def _count_lines(path: Path) -> int:
+    n = 0
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            n += chunk.count(b"\n")
+    return n
 
 
 def read_batches(lines: Iterable[bytes], size: int) -> Iterator[tuple[list[int], list[bytes], int]]:
@@ -121,17 +146,32 @@ def process_lines(
     *,
     batch_size: int = DEFAULT_BATCH,
     on_batch: Callable[[int], None] | None = None,
+    auditor: Auditor | None = None,
 ) -> Summary:
-    """Run the transform over JSON Lines and append the results to ``files``."""
+    """Run the transform over JSON Lines and append the results to ``files``.
+
+    With an ``auditor``, each batch's sanitised records get an ``integrity.root`` event
+    per month file: the RFC 6962 root of their billing digests over their line range.
+    """
     summary = Summary()
     for numbers, batch, blank in read_batches(lines, batch_size):
         summary.blank_lines += blank
         result: BatchResult = transformer.transform(batch, now_ms)
         for rec in result.sealed:
             files.write("sealed", rec.month, rec.value)
+        ranges: dict[str, tuple[int, int, list[str]]] = {}
         for rec in result.sanitised:
-            files.write("sanitised", rec.month, rec.value)
+            pos = files.write("sanitised", rec.month, rec.value)
             summary.months.add(rec.month)
+            if auditor is not None and rec.digest is not None:
+                first, _, digests = ranges.get(rec.month) or (pos, pos, [])
+                digests.append(rec.digest)
+                ranges[rec.month] = (first, pos, digests)
+        if auditor is not None:
+            files.flush()  # the records a root covers are on disk before the root is
+            for month, (first, last, digests) in sorted(ranges.items()):
+                details = root_event_details(f"sanitised/{month}.jsonl", first, last, digests)
+                auditor.record("integrity.root", actor="process", sync=False, **details)
         for rej in result.rejected:
             files.reject(numbers[rej.index], rej.reason, rej.field, rej.message, rej.original)
             summary.rejected[rej.reason] += 1

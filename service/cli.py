@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "service.commands.unseal",
     "service.commands.deadlines",
     "service.commands.keys",
+    "service.commands.verify",
     "service.commands.run",
     "service.commands.config_cmd",
     "service.commands.generate",

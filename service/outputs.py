@@ -21,6 +21,9 @@ class OutRecord(NamedTuple):
     key: bytes
     timestamp_ms: int
     value: bytes  # one JSON object
+    # Sanitised records: the hex SHA-256 of the billing fields as received (integrity
+    # roots are computed over these); None on sealed records or with integrity off.
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

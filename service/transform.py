@@ -327,19 +327,23 @@ class Transformer:
             frag, plaintext = hit
             out = {**san, "month": month, "key_id": ctx.kid, **frag}
             if self.integrity:
-                out[DIGEST_FIELD] = sha256(dumps(san, option=OPT_SORT_KEYS)).hexdigest()
+                out[DIGEST_FIELD] = digest = sha256(dumps(san, option=OPT_SORT_KEYS)).hexdigest()
+            else:
+                digest = None
             sealer = ctx.sealer
             assert sealer is not None  # set together with keys
             san["month"] = month
             san["key_id"] = ctx.kid
             san["sealed"] = sealer.seal_json(plaintext, cdr_id)
-            result.sealed.append(_new(OutRecord, (index, month, key, event_ms, dumps(san))))
+            result.sealed.append(_new(OutRecord, (index, month, key, event_ms, dumps(san), None)))
         else:
             # Stripped: identifiers checked (a malformed one is still a rejection, so the
             # outcome does not depend on the date) but only generalised parts are kept.
             out = {**san, "month": month, "key_id": None, **self._general_none}
             if self.integrity:
-                out[DIGEST_FIELD] = sha256(dumps(san, option=OPT_SORT_KEYS)).hexdigest()
+                out[DIGEST_FIELD] = digest = sha256(dumps(san, option=OPT_SORT_KEYS)).hexdigest()
+            else:
+                digest = None
             for (field, checker, _kind, gen, _pf, _px), value in zip(
                 plan.idents, values, strict=True
             ):
@@ -349,7 +353,7 @@ class Transformer:
             reason = ctx.strip_reason or STRIP_PAST_DEADLINE
             result.stripped += 1
             result.stripped_reasons[reason] = result.stripped_reasons.get(reason, 0) + 1
-        result.sanitised.append(_new(OutRecord, (index, month, key, event_ms, dumps(out))))
+        result.sanitised.append(_new(OutRecord, (index, month, key, event_ms, dumps(out), digest)))
 
     def _fragment(
         self, keys: MonthKeys, plan: _Plan, values: list[Any]

@@ -13,6 +13,7 @@ from typing import IO, Any
 import orjson
 from tqdm import tqdm
 
+from service.audit import open_auditor
 from service.batch_mode import DEFAULT_BATCH, MonthFiles, Summary, process_lines
 from service.commands.common import (
     add_keystore_flag,
@@ -44,6 +45,12 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH, metavar="N", help="records per batch"
     )
+    p.add_argument(
+        "--no-integrity",
+        action="store_true",
+        help="no billing digests and no signed Merkle roots (DIR/audit.jsonl); "
+        "see `cdranon verify`",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     p.set_defaults(func=run)
@@ -67,8 +74,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size must be at least 1")
     policy = policy_from(args)
     now = now_from(args)
-    transformer = Transformer(policy, Keyring(open_keystore(keystore_url(args))))
+    integrity = not args.no_integrity
+    transformer = Transformer(
+        policy, Keyring(open_keystore(keystore_url(args))), integrity=integrity
+    )
     files = MonthFiles(args.out)
+    # The signed integrity roots go to DIR/audit.jsonl (signing key: the environment,
+    # else dev mode beside it).
+    auditor = (
+        open_auditor(f"file://{args.out.absolute()}/audit.jsonl", writer="process")
+        if integrity
+        else None
+    )
     with _open_input(args.input) as (stream, size):
         bar: Any = None
         if not args.no_progress and sys.stderr.isatty():
@@ -81,11 +98,14 @@ def run(args: argparse.Namespace) -> int:
                 to_ms(now),
                 batch_size=args.batch_size,
                 on_batch=bar.update if bar is not None else None,
+                auditor=auditor,
             )
         finally:
             if bar is not None:
                 bar.close()
             files.close()
+            if auditor is not None:
+                auditor.close()
     _print_summary(summary, args, rfc3339(now))
     return 0
 
