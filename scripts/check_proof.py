@@ -68,9 +68,8 @@ def main() -> int:
         public_key.verify(bytes.fromhex(event["sig"]), _canonical(body))  # type: ignore[union-attr, call-arg]
     except Exception:  # noqa: BLE001  # any failure of the signature check is a failure
         return _fail("4: the audit event's signature does not verify under this public key")
-    print(
-        f"OK: record {proof['cdr_id']} is leaf {proof['leaf_index']} of {proof['tree_size']} under a signed root"
-    )
+    where = f"leaf {proof['leaf_index']} of {proof['tree_size']}"
+    print(f"OK: record {proof['cdr_id']} is {where} under a signed root")
     return 0
 
 
