@@ -435,6 +435,7 @@ class _FileSink:
         except OSError as exc:
             raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from None
         self._end = 0
+        self._dirty = False  # written with sync=False and not fdatasync'ed since
         self._head: ChainHead | None = None
         with self._locked():
             self._catch_up()
@@ -511,8 +512,10 @@ class _FileSink:
                 written = os.write(self._fd, line)
                 if written != len(line):
                     raise OSError(0, f"short write ({written} of {len(line)} bytes)")
+                self._dirty = True
                 if sync:
                     os.fdatasync(self._fd)
+                    self._dirty = False
             except OSError as exc:
                 raise AuditWriteError(
                     f"cannot write audit log {self._path}: {exc.strerror}"
@@ -522,8 +525,11 @@ class _FileSink:
             return raw
 
     def flush(self) -> None:
+        if not self._dirty:
+            return
         try:
             os.fdatasync(self._fd)
+            self._dirty = False
         except OSError as exc:
             raise AuditWriteError(f"cannot sync audit log {self._path}: {exc.strerror}") from None
 
@@ -1150,15 +1156,10 @@ def verify(
     return report
 
 
-def read_file_events(path: Path) -> tuple[list[bytes], bool]:
-    """The lines of an audit file (without newlines) and whether the file ends cleanly.
-
-    ``False`` means the last line has no newline: a torn write or a truncated file.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
+def split_lines(data: bytes) -> tuple[list[bytes], bool]:
+    """The events of an audit file's bytes (lines without newlines), and whether the data
+    ends cleanly: ``False`` means the last line has no newline (a torn write or a
+    truncated file)."""
     if not data:
         return [], True
     lines = data.split(b"\n")
@@ -1168,20 +1169,43 @@ def read_file_events(path: Path) -> tuple[list[bytes], bool]:
     return lines, clean
 
 
-def verify_file(
-    path: Path,
+def read_file_events(path: Path) -> tuple[list[bytes], bool]:
+    """:func:`split_lines` of the file at ``path``; AuditError if it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
+    return split_lines(data)
+
+
+def verify_bytes(
+    data: bytes,
     public_keys: Iterable[Ed25519PublicKey] | Mapping[str, Ed25519PublicKey],
     *,
     anchors: Mapping[str, ChainHead] | None = None,
 ) -> VerifyReport:
-    """:func:`verify` over an audit file, also requiring the final newline."""
-    lines, clean = read_file_events(path)
+    """:func:`verify` over the bytes of an audit file, also requiring the final newline."""
+    lines, clean = split_lines(data)
     report = verify(lines, public_keys, anchors=anchors)
     if report.ok and not clean:
         report.problem = Problem(
             len(lines) - 1, "no newline after the last event (torn write or truncated file)"
         )
     return report
+
+
+def verify_file(
+    path: Path,
+    public_keys: Iterable[Ed25519PublicKey] | Mapping[str, Ed25519PublicKey],
+    *,
+    anchors: Mapping[str, ChainHead] | None = None,
+) -> VerifyReport:
+    """:func:`verify_bytes` over the file at ``path``."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
+    return verify_bytes(data, public_keys, anchors=anchors)
 
 
 def anchors_to_json(heads: Mapping[str, ChainHead]) -> bytes:
@@ -1237,6 +1261,8 @@ __all__ = [
     "public_key_pem",
     "read_file_events",
     "read_partition",
+    "split_lines",
     "verify",
+    "verify_bytes",
     "verify_file",
 ]
