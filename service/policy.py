@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from service.errors import PolicyError
+from service.errors import ConfigError, PolicyError
 from service.months import zone
 
 DEFAULT_CLASS = "default"
@@ -24,8 +24,9 @@ IDENTIFIER_KINDS = frozenset({"msisdn", "imsi", "imei", "email", "opaque"})
 RESERVED_OUTPUT_FIELDS = frozenset(
     {"month", "key_id", "sealed", "msisdn_cc", "imsi_plmn", "imei_tac", "email_domain"}
 )
-_CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline.
+_CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _REQUIRED = ("cdr_id", "event_time", "account_id")
 
 
@@ -102,7 +103,7 @@ def parse_policy(data: dict[str, Any], source: str) -> Policy:
     _expect(isinstance(idents, dict), "[fields.identifiers]", "a table of field = kind")
     for name, kind in idents.items():
         _expect(
-            kind in IDENTIFIER_KINDS,
+            isinstance(kind, str) and kind in IDENTIFIER_KINDS,
             f"fields.identifiers.{name}",
             "one of " + ", ".join(sorted(IDENTIFIER_KINDS)),
         )
@@ -136,6 +137,13 @@ def parse_policy(data: dict[str, Any], source: str) -> Policy:
     _expect(isinstance(ret, dict), "[retention]", "a table")
     tz_name = ret.get("timezone", "UTC")
     _expect(isinstance(tz_name, str), "retention.timezone", "an IANA zone name")
+    try:
+        tz = zone(tz_name)
+    except ConfigError:
+        raise PolicyError(
+            f"policy: retention.timezone: unknown zone {tz_name!r}: "
+            "expected an IANA name such as UTC or Europe/Paris"
+        ) from None
     default = RetentionClass(
         DEFAULT_CLASS,
         _int(ret, "identifier_months", "retention", 0, 1200, 12),
@@ -174,7 +182,7 @@ def parse_policy(data: dict[str, Any], source: str) -> Policy:
         email_domain=email_domain,
         three_digit_mnc_mccs=frozenset(mccs),
         timezone_name=tz_name,
-        tz=zone(tz_name),
+        tz=tz,
         future_tolerance_seconds=tolerance,
         default_class=default,
         classes=classes,
@@ -193,6 +201,8 @@ def load_policy(path: Path | None = None) -> Policy:
             text = path.read_text("utf-8")
         except OSError as exc:
             raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise PolicyError(f"policy file {path} is not UTF-8 text (TOML)") from None
         source = str(path)
     try:
         data = tomllib.loads(text)

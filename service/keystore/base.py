@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 from service.errors import ConfigError
 
 SECRET_BYTES = 32
-_KEY_ID = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])/([a-z0-9][a-z0-9_-]{0,31})$")
+_KEY_ID = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])/([a-z0-9][a-z0-9_-]{0,31})\Z")
 
 
 class KeyState(StrEnum):
