@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from service.kafka.topics import TopicNames
@@ -219,8 +226,36 @@ class Processor:
             self._finish()
 
 
-def committed_total(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
-    """(sum of the group's committed offsets, sum of the high watermarks) on ``topic``."""
+def committed_total(
+    bootstrap: str, group: str, topic: str, timeout_s: float = 30.0
+) -> tuple[int, int]:
+    """(sum of the group's committed offsets, sum of the high watermarks) on ``topic``.
+
+    Retries the transient answers of a young broker (coordinator not ready) until
+    ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _committed_total(bootstrap, group, topic)
+        except KafkaException as exc:
+            err = exc.args[0]
+            transient = isinstance(err, KafkaError) and (
+                err.retriable()
+                or err.code()
+                in (
+                    KafkaError.NOT_COORDINATOR,
+                    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                    KafkaError.COORDINATOR_NOT_AVAILABLE,
+                    KafkaError._TIMED_OUT,
+                )
+            )
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # the coordinator is loading; deadline-bounded
+
+
+def _committed_total(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     parts = sorted(admin.list_topics(topic=topic, timeout=10).topics[topic].partitions)
     c = Consumer(
