@@ -60,8 +60,11 @@ from service.monthkeys import MonthKeys, hkdf
 from service.months import parse_month, rfc3339
 from service.sealing import BatchSealer, Unsealer, blob_key_id
 
-HOLD_ID: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
+HOLD_ID: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,26}$")
 HOLD_KEY_PREFIX: Final = "hold/"
+# Blobs re-sealed for a hold name "YYYY-MM/hold-<ID>": the shape of a month key id (which
+# sealed blobs must carry), with the retention class "hold-<ID>" reserved for holds.
+_HOLD_BLOB_KID: Final = re.compile(r"^(\d{4}-(?:0[1-9]|1[0-2]))/hold-([a-z0-9][a-z0-9_-]{0,26})$")
 REGISTRY_SECRET_NAME: Final = "registry"  # noqa: S105 - a file name
 _FORMAT: Final = 1
 _INFO_HOLD_SEAL: Final = b"cdranon/v1/hold-seal-root/"
@@ -73,23 +76,25 @@ def check_hold_id(hold_id: str) -> str:
     """Validate a hold id (it names a topic, a file and a key); ConfigError if malformed."""
     if not isinstance(hold_id, str) or not HOLD_ID.match(hold_id):
         raise ConfigError(
-            f"invalid hold id {hold_id!r}: expected 1-48 characters of a-z, 0-9, '_' or '-', "
+            f"invalid hold id {hold_id!r}: expected 1-27 characters of a-z, 0-9, '_' or '-', "
             "starting with a letter or digit"
         )
     return hold_id
 
 
-def hold_key_id(hold_id: str) -> str:
-    """The key id that hold-sealed blobs name: ``hold/<ID>``."""
-    return HOLD_KEY_PREFIX + check_hold_id(hold_id)
+def hold_key_id(hold_id: str, month: str) -> str:
+    """The key id that blobs re-sealed for a hold name: ``YYYY-MM/hold-<ID>``.
+
+    Month key ids are the only form a sealed blob may carry (service/sealing.py); the
+    month is the one the records came from, and the class ``hold-<ID>`` is reserved.
+    """
+    return f"{month}/hold-{check_hold_id(hold_id)}"
 
 
-def hold_id_of_key(kid: str) -> str | None:
-    """The hold id of a ``hold/<ID>`` key id, None for any other key id."""
-    if kid.startswith(HOLD_KEY_PREFIX):
-        rest = kid[len(HOLD_KEY_PREFIX) :]
-        return rest if HOLD_ID.match(rest) else None
-    return None
+def hold_id_of_key(kid: str) -> tuple[str, str] | None:
+    """``(hold id, month)`` of a ``YYYY-MM/hold-<ID>`` key id, None for any other key id."""
+    m = _HOLD_BLOB_KID.match(kid)
+    return (m.group(2), m.group(1)) if m else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +404,7 @@ class HoldSecrets:
         """The hold's key; KeyDestroyedError if destroyed, KeyNotFoundError if never made."""
         secret = self._read(check_hold_id(hold_id))
         if secret is None:
-            raise KeyNotFoundError(hold_key_id(hold_id))
+            raise KeyNotFoundError(HOLD_KEY_PREFIX + hold_id)
         return secret
 
     def state(self, hold_id: str) -> str:
@@ -431,7 +436,7 @@ class HoldSecrets:
                 fsync_dir(self.directory)
             except OSError as exc:
                 raise KeystoreError(
-                    f"destroying hold key {hold_key_id(hold_id)} in {self.directory} failed: "
+                    f"destroying hold key {HOLD_KEY_PREFIX}{hold_id} in {self.directory} failed: "
                     f"{exc.strerror or exc.__class__.__name__}; run it again (it is idempotent)"
                 ) from exc
             return existed
@@ -471,13 +476,13 @@ def msisdn_mac(registry_secret: bytes, value: str, *, field_name: str = "msisdn"
     return hmac.digest(registry_secret, _MSISDN_TAG + normalised.encode(), "sha256").hex()
 
 
-def hold_keys(hold_id: str, secret: bytes) -> MonthKeys:
-    """The sealing keys of a hold, derived from its secret like a month's."""
-    kid = hold_key_id(hold_id)
+def hold_keys(hold_id: str, secret: bytes, month: str) -> MonthKeys:
+    """The sealing keys of a hold's copies of ``month``, derived from the hold's secret."""
+    kid = hold_key_id(hold_id, month)
     seal_root = hkdf(secret, _INFO_HOLD_SEAL + kid.encode())
     # MonthKeys wants a pseudonym HMAC too; a hold never computes pseudonyms.
     unused = HMAC(hkdf(secret, _INFO_HOLD_UNUSED + kid.encode()), hashes.SHA256())
-    return MonthKeys(kid, "", "hold", seal_root, unused, {})
+    return MonthKeys(kid, month, f"hold-{hold_id}", seal_root, unused, {})
 
 
 def new_hold(
@@ -554,8 +559,10 @@ def copy_held(
     if not candidates:
         return out
     unsealer = Unsealer(month_keys)
+    month = month_keys.month
     sealers = {
-        h.hold_id: BatchSealer(hold_keys(h.hold_id, hold_secrets[h.hold_id])) for h in candidates
+        h.hold_id: BatchSealer(hold_keys(h.hold_id, hold_secrets[h.hold_id], month))
+        for h in candidates
     }
     for raw in records:
         try:
@@ -580,7 +587,7 @@ def copy_held(
             if h.msisdn_macs and not macs.intersection(h.msisdn_macs):
                 continue
             copy = {k: v for k, v in rec.items() if k != "sealed"}
-            copy["key_id"] = hold_key_id(h.hold_id)
+            copy["key_id"] = hold_key_id(h.hold_id, month)
             copy["held_from"] = kid
             copy["sealed"] = sealers[h.hold_id].seal(idents, cdr_id)
             out.records[h.hold_id].append(orjson.dumps(copy))

@@ -314,7 +314,7 @@ def run_unseal(args: argparse.Namespace) -> int:
                 raise ConfigError(f"cannot read --input {args.input}: {exc.strerror}") from exc
         out: list[bytes] = []
         failed = 0
-        unsealer: Unsealer | None = None
+        unsealers: dict[str, Unsealer] = {}
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -322,11 +322,15 @@ def run_unseal(args: argparse.Namespace) -> int:
                 rec = orjson.loads(line)
                 if not isinstance(rec, dict) or "sealed" not in rec:
                     raise SealError("not a sealed record")
-                if hold_id_of_key(blob_key_id(rec["sealed"])) != hold_id:
+                kid = blob_key_id(rec["sealed"])
+                which = hold_id_of_key(kid)
+                if which is None or which[0] != hold_id:
                     raise SealError(f"not sealed under hold {hold_id}")
-                if unsealer is None:
-                    unsealer = Unsealer(hold_keys(hold_id, ctx.secrets.get(hold_id)))
-                rec.update(unsealer.unseal(rec.pop("sealed"), str(rec.get("cdr_id"))))
+                u = unsealers.get(kid)
+                if u is None:
+                    secret = ctx.secrets.get(hold_id)
+                    u = unsealers[kid] = Unsealer(hold_keys(hold_id, secret, which[1]))
+                rec.update(u.unseal(rec.pop("sealed"), str(rec.get("cdr_id"))))
             except (SealError, KeystoreError, orjson.JSONDecodeError) as exc:
                 failed += 1
                 msg = "not valid JSON" if isinstance(exc, orjson.JSONDecodeError) else str(exc)
@@ -338,7 +342,7 @@ def run_unseal(args: argparse.Namespace) -> int:
             "unseal",
             actor=who,
             reason=args.reason,
-            key_ids=[f"hold/{hold_id}"],
+            key_ids=sorted(unsealers),
             hold_id=hold_id,
             records=len(out),
             failed=failed,
