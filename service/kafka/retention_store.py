@@ -345,6 +345,7 @@ class Lease:
             config={"cleanup.policy": "delete"},
         )
         self.topic = topic
+        self._closed = False
         self._leader = threading.Event()
         self._consumer = Consumer(
             {
@@ -381,6 +382,8 @@ class Lease:
         return self.leader
 
     def close(self) -> None:
-        """Leave the group (the partition moves to another instance at once)."""
+        """Leave the group (the partition moves to another instance at once); idempotent."""
         self._leader.clear()
-        self._consumer.close()
+        if not self._closed:
+            self._closed = True
+            self._consumer.close()
