@@ -394,6 +394,61 @@ def _head_of(raw: bytes) -> tuple[str, ChainHead]:
     return ev["writer"], ChainHead(ev["seq"], event_hash(raw), ev["time"])
 
 
+def head_of(raw: bytes) -> ChainHead:
+    """The chain head a stored event makes (its seq, hash and time)."""
+    return _head_of(raw)[1]
+
+
+def build_event(
+    key: SigningKey,
+    writer: str,
+    head: ChainHead | None,
+    event: str,
+    *,
+    actor: str,
+    reason: str | None,
+    details: Mapping[str, Any],
+    now: datetime,
+) -> bytes:
+    """The canonical bytes of the signed event that continues ``head`` (None: seq 1).
+
+    Pure: writes nothing. For writers that put events into their own Kafka transactions;
+    everyone else uses :meth:`Auditor.record`. Raises AuditError / ConfigError for an
+    invalid name, an empty actor, identifier-looking reason or details, or details that
+    are not canonical JSON.
+    """
+    if not _EVENT.match(event):
+        raise AuditError(f"invalid audit event name {event!r}")
+    if not isinstance(actor, str) or not actor.strip():
+        raise AuditError("an audit event needs an actor (who did it)")
+    if reason is not None:
+        check_free_text(reason, what="the reason")
+    _check_details(details)
+    when = format_time(now)
+    if head is not None and when < head.time:
+        when = head.time  # a clock stepping back must not break the order
+    body: dict[str, Any] = {
+        "version": VERSION,
+        "writer": writer,
+        "seq": 1 if head is None else head.seq + 1,
+        "time": when,
+        "event": event,
+        "actor": actor,
+        "reason": reason,
+        "details": dict(details),
+        "prev": GENESIS if head is None else head.hash,
+        "key_id": key.key_id,
+    }
+    try:
+        signed = canonical(body)
+    except TypeError as exc:
+        raise AuditError(f"audit details are not JSON-encodable: {exc}") from None
+    if canonical(orjson.loads(signed)) != signed:
+        raise AuditError("audit details do not survive a JSON round trip unchanged")
+    body["sig"] = key.sign(signed).hex()
+    return canonical(body)
+
+
 # ------------------------------------------------------------------------- sinks
 
 
@@ -557,7 +612,6 @@ class _KafkaSink:
         self._writer = writer
         self._timeout_s = timeout_s
         self._conf = dict(conf)
-        self._marker = _writer_marker(writer)
         self._error: str | None = None
         self._pending = 0
         ensure_audit_topic(self._conf, topic, timeout_s=timeout_s)
@@ -574,32 +628,7 @@ class _KafkaSink:
         )
 
     def _find_head(self) -> ChainHead | None:
-        head: ChainHead | None = None
-        low, high = _watermarks(self._conf, self._topic, self._timeout_s)
-        step = 256
-        end = high
-        while end > low:
-            start = max(low, end - step)
-            for _, value in read_partition(self._conf, self._topic, start, end, self._timeout_s):
-                if value is not None and value.endswith(self._marker):
-                    head = self._parse_own(value)
-            if head is not None:
-                return head
-            end = start
-            step = min(step * 4, 1_000_000)
-        return None
-
-    def _parse_own(self, value: bytes) -> ChainHead:
-        try:
-            writer, head = _head_of(value)
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            raise AuditError(
-                f"audit topic {self._topic} holds a damaged event of writer {self._writer}: "
-                "run `cdranon audit verify`; refusing to extend a broken chain"
-            ) from None
-        if writer != self._writer:
-            raise AuditError(f"audit topic {self._topic}: ambiguous writer marker")
-        return head
+        return find_topic_head(self._conf, self._topic, self._writer, timeout_s=self._timeout_s)
 
     def _on_delivery(self, err: Any, _msg: Any) -> None:
         self._pending -= 1
@@ -645,6 +674,41 @@ class _KafkaSink:
 
     def close(self) -> None:
         self._producer.flush(self._timeout_s)
+
+
+def find_topic_head(
+    conf: Mapping[str, str], topic: str, writer: str, *, timeout_s: float = 30.0
+) -> ChainHead | None:
+    """The newest committed event of ``writer`` on the (single-partition) audit topic.
+
+    Reads backwards from the end in growing ranges (read_committed), so a writer that
+    wrote recently is found without reading the whole log. None: the writer never wrote.
+    Raises AuditError if that event is damaged (never extend a broken chain).
+    """
+    marker = _writer_marker(writer)
+    low, high = _watermarks(conf, topic, timeout_s)
+    step = 256
+    end = high
+    while end > low:
+        start = max(low, end - step)
+        newest: bytes | None = None
+        for _, value in read_partition(conf, topic, start, end, timeout_s):
+            if value is not None and value.endswith(marker):
+                newest = value
+        if newest is not None:
+            try:
+                found, head = _head_of(newest)
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                found, head = "", None
+            if found != writer or head is None:
+                raise AuditError(
+                    f"audit topic {topic} holds a damaged event of writer {writer}: "
+                    "run `cdranon audit verify`; refusing to extend a broken chain"
+                )
+            return head
+        end = start
+        step = min(step * 4, 1_000_000)
+    return None
 
 
 def ensure_audit_topic(conf: Mapping[str, str], topic: str, *, timeout_s: float = 30.0) -> None:
@@ -847,38 +911,20 @@ class Auditor:
         Raises AuditWriteError if it could not be written: the caller must not report
         the action as done.
         """
-        if not _EVENT.match(event):
-            raise AuditError(f"invalid audit event name {event!r}")
-        if not isinstance(actor, str) or not actor.strip():
-            raise AuditError("an audit event needs an actor (who did it)")
-        if reason is not None:
-            check_free_text(reason, what="the reason")
-        _check_details(details)
 
+        # Built under the log's lock (after catching up with other processes); if it
+        # raises, nothing is written.
         def make(head: ChainHead | None) -> bytes:
-            now = format_time(self._clock())
-            if head is not None and now < head.time:
-                now = head.time  # a clock stepping back must not break the order
-            body: dict[str, Any] = {
-                "version": VERSION,
-                "writer": self.writer,
-                "seq": 1 if head is None else head.seq + 1,
-                "time": now,
-                "event": event,
-                "actor": actor,
-                "reason": reason,
-                "details": details,
-                "prev": GENESIS if head is None else head.hash,
-                "key_id": self._key.key_id,
-            }
-            try:
-                signed = canonical(body)
-            except TypeError as exc:
-                raise AuditError(f"audit details are not JSON-encodable: {exc}") from None
-            if canonical(orjson.loads(signed)) != signed:
-                raise AuditError("audit details do not survive a JSON round trip unchanged")
-            body["sig"] = self._key.sign(signed).hex()
-            return canonical(body)
+            return build_event(
+                self._key,
+                self.writer,
+                head,
+                event,
+                actor=actor,
+                reason=reason,
+                details=details,
+                now=self._clock(),
+            )
 
         with self._lock:
             if self._closed:
@@ -1243,6 +1289,7 @@ __all__ = [
     "VerifyReport",
     "anchors_from_json",
     "anchors_to_json",
+    "build_event",
     "canonical",
     "check_free_text",
     "default_audit_dir",
@@ -1250,7 +1297,10 @@ __all__ = [
     "default_writer",
     "ensure_audit_topic",
     "event_hash",
+    "find_topic_head",
+    "format_time",
     "generate_signing_key",
+    "head_of",
     "load_public_key",
     "load_signing_key",
     "open_auditor",
