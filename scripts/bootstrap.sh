@@ -35,7 +35,7 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
     echo "bootstrap: installing Python packages into $VENV" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-    "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev]" >&2
+    "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,faust]" >&2
     echo "$want" >"$stamp"
 fi
 

@@ -44,20 +44,31 @@ def register(subparsers: Any) -> None:
         "transaction per batch, serve Prometheus metrics. Stops cleanly on SIGTERM/SIGINT.",
     )
     add_config_flag(p)
+    p.add_argument(
+        "--engine",
+        choices=("confluent", "faust"),
+        default="confluent",
+        help="confluent: confluent-kafka, exactly once (default); faust: a faust-streaming "
+        "worker, at least once (needs the 'faust' extra; docs/faust.md)",
+    )
     p.set_defaults(func=run)
 
 
-def build_runner(settings: Settings, metrics: Metrics) -> Runner:
-    """A Runner wired to the policy, keystore and transform the settings name."""
+def build_transformer(settings: Settings) -> Transformer:
+    """The transform wired to the policy and keystore the settings name (either engine)."""
     policy = load_policy(settings.policy)
     keyring = Keyring(open_keystore(settings.keystore.url), recheck_s=settings.keystore.recheck_s)
-    transformer = Transformer(
+    return Transformer(
         policy,
         keyring,
         tz=zone(settings.timezone) if settings.timezone else None,
         future_tolerance_s=settings.future_tolerance_s,
     )
-    return Runner(settings, transformer, metrics)
+
+
+def build_runner(settings: Settings, metrics: Metrics) -> Runner:
+    """A Runner wired to the policy, keystore and transform the settings name."""
+    return Runner(settings, build_transformer(settings), metrics)
 
 
 def start_metrics(settings: Settings, metrics: Metrics) -> MetricsServer | None:
@@ -75,11 +86,25 @@ def start_metrics(settings: Settings, metrics: Metrics) -> MetricsServer | None:
     return server
 
 
+def _run_faust(settings: Settings, metrics: Metrics) -> int:
+    from service.faust_engine import run_faust  # noqa: PLC0415 - optional extra
+
+    transformer = build_transformer(settings)
+    server = start_metrics(settings, metrics)
+    try:
+        return run_faust(settings, transformer, metrics)
+    finally:
+        if server is not None:
+            server.close()
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     setup_logging(settings.logging.level)
     log_event(_LOG, "settings", **settings.shown())
     metrics = Metrics()
+    if getattr(args, "engine", "confluent") == "faust":
+        return _run_faust(settings, metrics)
     runner = build_runner(settings, metrics)
     server = start_metrics(settings, metrics)
 
