@@ -247,6 +247,16 @@ class RetentionSettings(_Section):
     release_at_original_deadline: bool = False
 
 
+class IntegritySettings(_Section):
+    """ "Original form" (docs/integrity.md): billing digests and signed Merkle roots."""
+
+    # A billing_digest in every sanitised record, and one signed integrity.root event per
+    # batch and month topic, written to the audit topic in the batch's own transaction.
+    enabled: bool = True
+    # The audit topic the roots go to; None: <prefix>.audit. Signed with the [audit] key.
+    audit_topic: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
+
+
 class Settings(BaseSettings):
     """Every setting of cdranon. Build it with :func:`load_settings`."""
 
@@ -274,6 +284,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    integrity: IntegritySettings = Field(default_factory=IntegritySettings)
 
     @field_validator("timezone")
     @classmethod

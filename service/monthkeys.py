@@ -36,17 +36,6 @@ class MonthKeys:
     # A keyed HMAC object; pseudonyms copy it, which skips re-keying per identifier
     # (a one-shot HMAC costs ~4x a copy on OpenSSL 3: PERFORMANCE-NOTES.md).
     hmac_proto: HMAC = field(repr=False)
-    # raw identifier value -> (pseudonym, generalised part), per kind. Identifiers repeat a
-    # lot in real traffic; a hit skips validation, normalisation and the HMAC. Bounded.
-    pseudonym_cache: dict[str, dict[str, tuple[str, str | None]]] = field(
-        default_factory=dict, repr=False
-    )
-    # (identifier fields, *raw values) -> the sanitised view's additions for that
-    # combination (pseudonyms, generalised parts) and the JSON the sealed blob encrypts.
-    # Bounded by the transform.
-    combo_cache: dict[tuple[object, ...], tuple[dict[str, object], bytes]] = field(
-        default_factory=dict, repr=False
-    )
 
     @classmethod
     def derive(cls, kid: str, secret: bytes) -> MonthKeys:
@@ -56,10 +45,7 @@ class MonthKeys:
         month, rclass = split_key_id(kid)
         seal_root = hkdf(secret, _INFO_SEAL_ROOT + b"/" + kid.encode())
         pkey = hkdf(secret, _INFO_PSEUDONYM + b"/" + kid.encode())
-        caches: dict[str, dict[str, tuple[str, str | None]]] = {
-            kind: {} for kind in ("msisdn", "imsi", "imei", "email", "opaque")
-        }
-        return cls(kid, month, rclass, seal_root, HMAC(pkey, hashes.SHA256()), caches)
+        return cls(kid, month, rclass, seal_root, HMAC(pkey, hashes.SHA256()))
 
     def __repr__(self) -> str:
         return f"MonthKeys({self.key_id!r})"

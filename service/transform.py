@@ -44,8 +44,8 @@ from service.pseudonyms import PSEUDONYM_BYTES
 from service.sealing import BatchSealer
 
 MAX_RECORD_BYTES = 1 << 20
-# Per month key and identifier kind; cleared when full (identifiers repeat a lot, a
-# cleared cache refills in seconds). Bounded so memory stays flat on any stream.
+# Cached pseudonyms, all months together; cleared when full (identifiers repeat a lot, a
+# cleared cache refills in seconds). ~300 bytes an entry: ~80 MB at most.
 PSEUDONYM_CACHE_ENTRIES = 1 << 18
 
 STRIP_PAST_DEADLINE = "past_identifier_deadline"
@@ -99,6 +99,7 @@ class _MonthCtx:
     billing_until_ms: int
     sealer: BatchSealer | None
     keys: MonthKeys | None
+    caches: dict[str, dict[str, dict[str, Any]]]  # field -> raw value -> view additions
 
 
 class Transformer:
@@ -140,6 +141,9 @@ class Transformer:
                 gen = None
             self._spec[name] = (_IDENT, checker, kind, gen)
         self._plans: dict[_Shape, _Plan] = {}
+        # key id -> field -> raw identifier -> pseudonym and generalised part (see _fragment)
+        self._caches: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+        self._cached = 0
         self._minutes: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM" (UTC) -> epoch ms
         self._general_none = dict.fromkeys(
             g for (c, _, _, g) in self._spec.values() if c == _IDENT and g is not None
@@ -202,14 +206,19 @@ class Transformer:
         bill_ms = to_ms(billing_until(month, rclass.billing_years, tz))
         if now_ms >= to_ms(identifiers_until(month, rclass.identifier_months, tz)):
             # Past the identifier deadline: never a key for this month (RETENTION-RULES).
-            return _MonthCtx(month, None, STRIP_PAST_DEADLINE, bill_ms, None, None)
+            return _MonthCtx(month, None, STRIP_PAST_DEADLINE, bill_ms, None, None, {})
         kid = key_id(month, rclass.name)
         try:
             keys = self.keyring.get(kid)
         except KeyDestroyedError:
-            # Destroyed early (by an operator): its identifiers can only be stripped.
-            return _MonthCtx(month, None, STRIP_KEY_DESTROYED, bill_ms, None, None)
-        return _MonthCtx(month, kid, None, bill_ms, BatchSealer(keys), keys)
+            # Destroyed early (by an operator): its identifiers can only be stripped, and
+            # its cached pseudonyms go with the key.
+            self._caches.pop(kid, None)
+            return _MonthCtx(month, None, STRIP_KEY_DESTROYED, bill_ms, None, None, {})
+        caches = self._caches.get(kid)
+        if caches is None:
+            caches = self._caches[kid] = {f: {} for f in self.policy.identifier_fields}
+        return _MonthCtx(month, kid, None, bill_ms, BatchSealer(keys), keys, caches)
 
     # -- the batch ----------------------------------------------------------------------
 
@@ -317,15 +326,19 @@ class Transformer:
         key = account.encode() if type(account) is str else str(account).encode()
         keys = ctx.keys
         if keys is not None:
-            # Everything the sanitised view adds for this combination of identifiers
-            # (pseudonyms and generalised parts), cached per month key: a subscriber's
-            # (msisdn, imsi, imei) repeats across their records.
-            combo = (plan.ident_fields, *values)
-            hit = keys.combo_cache.get(combo)
-            if hit is None:
-                hit = self._fragment(keys, plan, values)
-            frag, plaintext = hit
-            out = {**san, "month": month, "key_id": ctx.kid, **frag}
+            out = {**san, "month": month, "key_id": ctx.kid, **self._general_none}
+            caches = ctx.caches
+            for (field, checker, _kind, gen, pfield, prefix), value in zip(
+                plan.idents, values, strict=True
+            ):
+                # What the sanitised view adds for this identifier (pseudonym, generalised
+                # part), cached per month key: identifiers repeat a lot in real traffic.
+                frag = caches[field].get(value)
+                if frag is None:
+                    frag = self._fragment(
+                        keys, caches[field], checker, field, gen, pfield, prefix, value
+                    )
+                out.update(frag)
             if self.integrity:
                 out[DIGEST_FIELD] = digest = sha256(dumps(san, option=OPT_SORT_KEYS)).hexdigest()
             else:
@@ -334,7 +347,7 @@ class Transformer:
             assert sealer is not None  # set together with keys
             san["month"] = month
             san["key_id"] = ctx.kid
-            san["sealed"] = sealer.seal_json(plaintext, cdr_id)
+            san["sealed"] = sealer.seal(dict(zip(plan.ident_fields, values, strict=True)), cdr_id)
             result.sealed.append(_new(OutRecord, (index, month, key, event_ms, dumps(san), None)))
         else:
             # Stripped: identifiers checked (a malformed one is still a rejection, so the
@@ -356,34 +369,36 @@ class Transformer:
         result.sanitised.append(_new(OutRecord, (index, month, key, event_ms, dumps(out), digest)))
 
     def _fragment(
-        self, keys: MonthKeys, plan: _Plan, values: list[Any]
-    ) -> tuple[dict[str, Any], bytes]:
-        """Pseudonyms and generalised parts of one identifier combination, and the JSON
-        the sealed blob encrypts; cached per month key."""
-        frag = dict(self._general_none)
-        caches = keys.pseudonym_cache
-        for (field, checker, kind, gen, pfield, prefix), value in zip(
-            plan.idents, values, strict=True
-        ):
-            kc = caches[kind]
-            hit = kc.get(value)
-            if hit is None:
-                norm, general = checker(field, value)
-                h = keys.hmac_proto.copy()
-                h.update(prefix + norm.encode())
-                hit = (h.finalize()[:PSEUDONYM_BYTES].hex(), general)
-                if len(kc) >= PSEUDONYM_CACHE_ENTRIES:
-                    kc.clear()
-                kc[value] = hit
-            frag[pfield] = hit[0]
-            if gen is not None:
-                frag[gen] = hit[1]
-        cache = keys.combo_cache
-        if len(cache) >= PSEUDONYM_CACHE_ENTRIES:
-            cache.clear()
-        entry = (frag, dumps(dict(zip(plan.ident_fields, values, strict=True))))
-        cache[(plan.ident_fields, *values)] = entry
-        return entry
+        self,
+        keys: MonthKeys,
+        cache: dict[str, dict[str, Any]],
+        checker: Any,
+        field: str,
+        gen: str | None,
+        pfield: str,
+        prefix: bytes,
+        value: Any,
+    ) -> dict[str, Any]:
+        """Check, normalise and pseudonymise one identifier; cache the result.
+
+        One budget bounds the caches of all months together: when it is spent they are
+        all cleared (they refill from live traffic in seconds), so memory stays flat
+        however many months are live.
+        """
+        norm, general = checker(field, value)
+        h = keys.hmac_proto.copy()
+        h.update(prefix + norm.encode())
+        frag: dict[str, Any] = {pfield: h.finalize()[:PSEUDONYM_BYTES].hex()}
+        if gen is not None:
+            frag[gen] = general
+        if self._cached >= PSEUDONYM_CACHE_ENTRIES:
+            for per_field in self._caches.values():
+                for c in per_field.values():
+                    c.clear()
+            self._cached = 0
+        cache[value] = frag
+        self._cached += 1
+        return frag
 
     def _event_time(self, et: Any) -> tuple[int, str]:
         """(epoch ms, month) of an event_time: RFC 3339 text or integer epoch millis."""

@@ -41,18 +41,23 @@ class RootEvent:
     root: str  # hex
     writer: str = ""
     seq: int = 0
+    # Stream processor roots name a batch instead of a position range: each record
+    # carries its leaf ("<batch>/<index>") in a header, since concurrent writers may
+    # interleave in one partition.
+    batch: str | None = None
 
     @classmethod
     def from_event(cls, ev: Mapping[str, Any]) -> RootEvent:
         d = ev["details"]
         return cls(
             stream=str(d["stream"]),
-            first=int(d["first"]),
-            last=int(d["last"]),
+            first=int(d.get("first", -1)),
+            last=int(d.get("last", -1)),
             size=int(d["size"]),
             root=str(d["root"]),
             writer=str(ev.get("writer", "")),
             seq=int(ev.get("seq", 0)),
+            batch=str(d["batch"]) if "batch" in d else None,
         )
 
 
@@ -179,6 +184,78 @@ def _check_range(
     )
 
 
+TaggedRecord = tuple[str, int, bytes, tuple[str, int] | None]  # partition, offset, value, leaf
+
+
+def verify_batches(
+    stream: str, records: Iterable[TaggedRecord], roots: Iterable[RootEvent], added: frozenset[str]
+) -> Report:
+    """Check a topic's records, tagged with their leaf (batch, index), against batch roots."""
+    rep = Report()
+    by_batch: dict[str, dict[int, list[tuple[str, int]]]] = {}
+    leaves: dict[tuple[str, int], tuple[str | None, str | None, bool]] = {}
+    untagged: list[tuple[str, int]] = []
+    for part, off, value, leaf in records:
+        rep.records += 1
+        info = leaves[(part, off)] = _leaf(value, added)
+        if not info[2]:
+            detail = f"partition {part}: billing fields do not match billing_digest"
+            rep.findings.append(Finding("altered", stream, off, info[1], detail))
+        if leaf is None:
+            untagged.append((part, off))
+        else:
+            by_batch.setdefault(leaf[0], {}).setdefault(leaf[1], []).append((part, off))
+    ids = Counter(i[1] for i in leaves.values() if i[1] is not None)
+    rep.findings += [
+        Finding("duplicate", stream, None, cid, f"cdr_id appears {n} times")
+        for cid, n in ids.items()
+        if n > 1
+    ]
+    known = set()
+    for ev in roots:
+        if ev.batch is None:
+            continue
+        known.add(ev.batch)
+        rep.ranges += 1
+        finding = _check_batch(stream, ev, by_batch.get(ev.batch, {}), leaves)
+        if finding is None:
+            rep.proven += ev.size
+        elif finding.kind:
+            rep.findings.append(finding)
+    for batch, slots in by_batch.items():
+        if batch not in known:
+            untagged += [po for v in slots.values() for po in v]
+    for part, off in untagged:
+        detail = f"partition {part}: in no signed batch"
+        rep.findings.append(Finding("unproven", stream, off, leaves[(part, off)][1], detail))
+    return rep
+
+
+def _check_batch(
+    stream: str,
+    ev: RootEvent,
+    slots: Mapping[int, list[tuple[str, int]]],
+    leaves: Mapping[tuple[str, int], tuple[str | None, str | None, bool]],
+) -> Finding | None:
+    """None if the batch proves out; a Finding (kind "" = already explained) if not."""
+    where = f"batch {ev.batch}"
+    present = sum(1 for i in range(ev.size) if i in slots)
+    extra = sum(len(v) for i, v in slots.items() if not 0 <= i < ev.size)
+    extra += sum(len(v) - 1 for v in slots.values() if len(v) > 1)
+    if present < ev.size:
+        n = ev.size - present
+        return Finding("missing", stream, None, None, f"{n} record(s) missing from {where}")
+    if extra:
+        return Finding("extra", stream, None, None, f"{extra} record(s) too many in {where}")
+    infos = [leaves[slots[i][0]] for i in range(ev.size)]
+    if any(not i[2] for i in infos):
+        return Finding("", stream, None, None, "")  # reported as altered
+    if root([bytes.fromhex(i[0] or "") for i in infos]).hex() == ev.root:
+        return None
+    detail = f"records of {where} do not hash to the signed root (replaced or reordered)"
+    return Finding("mismatch", stream, None, None, detail)
+
+
 def proof_for(
     cdr_id: str,
     stream: str,
@@ -210,4 +287,45 @@ def proof_for(
                 "range": {"first": ev.first, "last": ev.last},
                 "audit_event": {"writer": ev.writer, "seq": ev.seq},
             }
+    return None
+
+
+def proof_for_batch(
+    cdr_id: str,
+    stream: str,
+    records: Iterable[TaggedRecord],
+    roots: Iterable[RootEvent],
+    added: frozenset[str],
+) -> dict[str, Any] | None:
+    """:func:`proof_for` for a topic whose records carry leaf tags."""
+    recs = list(records)
+    target = None
+    for part, off, value, leaf in recs:
+        if leaf is not None and orjson.loads(value).get("cdr_id") == cdr_id:
+            target = (part, off, value, leaf)
+            break
+    if target is None:
+        return None
+    part, off, value, (batch, index) = target
+    for ev in roots:
+        if ev.batch != batch:
+            continue
+        members = {lf[1]: v for _, _, v, lf in recs if lf is not None and lf[0] == batch}
+        if sorted(members) != list(range(ev.size)):
+            return None
+        digests = [bytes.fromhex(_leaf(members[i], added)[0] or "00" * 32) for i in range(ev.size)]
+        doc = orjson.loads(value)
+        return {
+            "cdr_id": cdr_id,
+            "stream": stream,
+            "position": {"partition": part, "offset": off},
+            "billing": billing_part(doc, added),
+            "billing_digest": digests[index].hex(),
+            "leaf_index": index,
+            "tree_size": ev.size,
+            "proof": [h.hex() for h in inclusion_proof(index, digests)],
+            "root": ev.root,
+            "batch": batch,
+            "audit_event": {"writer": ev.writer, "seq": ev.seq},
+        }
     return None

@@ -18,14 +18,23 @@ from typing import Any
 
 import orjson
 
-from service.audit import read_file_events, verify
+from service.audit import read_file_events, read_partition, verify
 from service.commands.audit import _kafka_conf, trusted_keys
 from service.commands.common import add_policy_flag, policy_from
 from service.commands.run import add_config_flag
 from service.config import load_settings
 from service.errors import ConfigError
 from service.integrity import added_fields, canonical
-from service.verify import Report, RootEvent, proof_for, verify_stream
+from service.kafka.audit_txn import LEAF_HEADER, parse_leaf
+from service.verify import (
+    Report,
+    RootEvent,
+    TaggedRecord,
+    proof_for,
+    proof_for_batch,
+    verify_batches,
+    verify_stream,
+)
 
 _SANITISED_TOPIC = re.compile(r"^[A-Za-z0-9._-]*sanitised\.\d{4}-\d{2}$")
 
@@ -79,10 +88,8 @@ def _file_source(path: Path, audit: str | None) -> tuple[dict[str, list[tuple[in
     return {stream: list(enumerate(lines))}, audit_path
 
 
-def _topic_records(
-    conf: dict[str, str], topic: str, timeout_s: float = 60.0
-) -> dict[str, list[tuple[int, bytes]]]:
-    """Every committed record of every partition of ``topic``, by "topic/partition"."""
+def _topic_records(conf: dict[str, str], topic: str, timeout_s: float = 60.0) -> list[TaggedRecord]:
+    """Every committed record of every partition of ``topic``, with its leaf tag."""
     from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415  # CLI start-up time
 
     c = Consumer(
@@ -99,11 +106,10 @@ def _topic_records(
         tmd = md.topics.get(topic)
         if tmd is None or tmd.error is not None:
             raise ConfigError(f"topic {topic} not found on the broker")
-        out: dict[str, list[tuple[int, bytes]]] = {}
+        out: list[TaggedRecord] = []
         ends: dict[int, int] = {}
         for p in tmd.partitions:
             _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-            out[f"{topic}/{p}"] = []
             if high > 0:
                 ends[p] = high
         c.assign([TopicPartition(topic, p, 0) for p in ends])
@@ -111,19 +117,17 @@ def _topic_records(
         while ends:
             if time.monotonic() > deadline:
                 raise ConfigError(f"timed out reading {topic}")
-            for m in c.consume(1000, 1.0):
-                if m.error() is not None:
-                    continue
+            for m in c.consume(1000, 0.5):
                 p, off = m.partition(), m.offset()
-                if p is None or off is None:
+                if m.error() is not None or p is None or off is None:
                     continue
-                out[f"{topic}/{p}"].append((off, m.value() or b""))
-            for p in list(ends):
-                pos = c.position([TopicPartition(topic, p)])[0].offset
-                # read_committed stops at the last stable offset; transaction markers and
-                # aborted records leave gaps, so wait on the position, not a count.
-                if pos >= ends[p]:
-                    del ends[p]
+                tag = dict(m.headers() or []).get(LEAF_HEADER)
+                out.append((str(p), off, m.value() or b"", parse_leaf(tag)))
+            for tp in c.position([TopicPartition(topic, p) for p in list(ends)]):
+                # read_committed stops at the last stable offset; transaction markers leave
+                # gaps, so wait on the position, not on a count.
+                if tp.offset >= ends[tp.partition]:
+                    del ends[tp.partition]
         return out
     finally:
         c.close()
@@ -133,29 +137,12 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from(args)
     added = added_fields(policy)
     settings = load_settings(args.config)
-    if args.file is not None:
-        streams, audit_path = _file_source(args.file, args.audit)
-        target = f"file://{audit_path}"
-        events, _clean = read_file_events(audit_path)
-    else:
-        if not _SANITISED_TOPIC.match(args.topic):
-            raise ConfigError(
-                f"--topic {args.topic!r}: expected a month topic such as cdr.sanitised.2026-10"
-            )
-        conf = _kafka_conf(settings)
-        if args.bootstrap:
-            conf["bootstrap.servers"] = args.bootstrap
-        if not conf.get("bootstrap.servers"):
-            raise ConfigError("--topic needs --bootstrap HOST:PORT (or kafka settings in --config)")
-        streams = _topic_records(conf, args.topic)
-        audit_topic = args.audit or "cdr.audit"
-        target = f"kafka://{conf['bootstrap.servers']}/{audit_topic}"
-        events = [v for _, v in _topic_records(conf, audit_topic).get(f"{audit_topic}/0", [])]
-    keys = trusted_keys(settings, args.public_key, target)
-    chain = verify(events, keys)
-    if not chain.ok:
-        assert chain.problem is not None
-        print(f"cdranon: the audit log is not intact: {chain.problem}", file=sys.stderr)
+    if args.topic is not None:
+        return _run_topic(args, settings, added)
+    streams, audit_path = _file_source(args.file, args.audit)
+    target = f"file://{audit_path}"
+    events, _clean = read_file_events(audit_path)
+    if not _chain_ok(settings, args, target, events):
         return 1
     roots = _roots(events, set(streams))
     if args.record is not None:
@@ -163,6 +150,41 @@ def run(args: argparse.Namespace) -> int:
     reports = {s: verify_stream(s, recs, roots.get(s, []), added) for s, recs in streams.items()}
     _print(reports, args.json)
     return 0 if all(r.ok for r in reports.values()) else 1
+
+
+def _run_topic(args: argparse.Namespace, settings: Any, added: frozenset[str]) -> int:
+    if not _SANITISED_TOPIC.match(args.topic):
+        raise ConfigError(
+            f"--topic {args.topic!r}: expected a month topic such as cdr.sanitised.2026-10"
+        )
+    conf = _kafka_conf(settings)
+    if args.bootstrap:
+        conf["bootstrap.servers"] = args.bootstrap
+    if not conf.get("bootstrap.servers"):
+        raise ConfigError("--topic needs --bootstrap HOST:PORT (or kafka settings in --config)")
+    prefix = args.topic.rsplit(".sanitised.", 1)[0]
+    audit_topic = args.audit or f"{prefix}.audit"
+    target = f"kafka://{conf['bootstrap.servers']}/{audit_topic}"
+    events = [v or b"" for _, v in read_partition(conf, audit_topic, 0, None)]
+    if not _chain_ok(settings, args, target, events):
+        return 1
+    tagged = _topic_records(conf, args.topic)
+    roots = _roots(events, {args.topic}).get(args.topic, [])
+    if args.record is not None:
+        proof = proof_for_batch(args.record, args.topic, tagged, roots, added)
+        return _emit_proof(proof, args.record, events)
+    reports = {args.topic: verify_batches(args.topic, tagged, roots, added)}
+    _print(reports, args.json)
+    return 0 if all(r.ok for r in reports.values()) else 1
+
+
+def _chain_ok(settings: Any, args: argparse.Namespace, target: str, events: list[bytes]) -> bool:
+    keys = trusted_keys(settings, args.public_key, target)
+    chain = verify(events, keys)
+    if not chain.ok:
+        print(f"cdranon: the audit log is not intact: {chain.problem}", file=sys.stderr)
+        return False
+    return True
 
 
 def _roots(events: Iterable[bytes], streams: set[str]) -> dict[str, list[RootEvent]]:
@@ -213,17 +235,20 @@ def _print_proof(
 ) -> int:
     for s, recs in streams.items():
         proof = proof_for(cdr_id, s, recs, roots.get(s, []), added)
-        if proof is None:
-            continue
-        proof["canonical"] = canonical(proof["billing"]).decode()
-        for raw in events:
-            ev = orjson.loads(raw)
-            if (
-                ev.get("writer") == proof["audit_event"]["writer"]
-                and ev.get("seq") == proof["audit_event"]["seq"]
-            ):
-                proof["audit_event"] = ev  # the signed event, for the third party
-        sys.stdout.write(orjson.dumps(proof, option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0
-    print(f"cdranon: record {cdr_id} is in no signed range of the given month", file=sys.stderr)
-    return 1
+        if proof is not None:
+            return _emit_proof(proof, cdr_id, events)
+    return _emit_proof(None, cdr_id, events)
+
+
+def _emit_proof(proof: dict[str, Any] | None, cdr_id: str, events: list[bytes]) -> int:
+    if proof is None:
+        print(f"cdranon: record {cdr_id} is in no signed range of the given month", file=sys.stderr)
+        return 1
+    proof["canonical"] = canonical(proof["billing"]).decode()
+    want = proof["audit_event"]
+    for raw in events:
+        ev = orjson.loads(raw)
+        if ev.get("writer") == want["writer"] and ev.get("seq") == want["seq"]:
+            proof["audit_event"] = ev  # the whole signed event, for the third party
+    sys.stdout.write(orjson.dumps(proof, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0

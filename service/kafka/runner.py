@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,8 +46,10 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from service.audit import default_audit_dir, ensure_audit_topic, load_signing_key
 from service.config import Settings
 from service.errors import KafkaFatalError, KeystoreUnavailableError
+from service.kafka.audit_txn import LEAF_HEADER, TxnAuditChain, find_head
 from service.kafka.clients import (
     admin_config,
     consumer_config,
@@ -55,6 +59,7 @@ from service.kafka.clients import (
 )
 from service.kafka.topics import HOUR_MS, TopicManager, TopicNames
 from service.logs import log_event
+from service.merkle import leaf_hash, root_from_leaf_hashes
 from service.metrics import Metrics
 from service.months import now_utc, to_ms
 from service.outputs import BatchResult
@@ -132,6 +137,15 @@ class Runner:
             tz=transformer.tz,
             on_created=self._on_topic_created,
         )
+        # "Original form": one signed root per batch and month topic, in the transaction.
+        self._integrity = settings.integrity.enabled and transformer.integrity
+        self.audit_topic = settings.integrity.audit_topic or self.names.audit
+        self._chain: TxnAuditChain | None = None
+        # Leaves are tagged "<batch id>/<index>"; a batch id is unique across processes and
+        # restarts (random per process + a counter), so a root names exactly its records
+        # even when several processors write into one partition.
+        self._leaf_prefix = secrets.token_hex(6)
+        self._batch_seq = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -155,6 +169,7 @@ class Runner:
         )
         try:
             self._retry_kafka("init_transactions", self._init_transactions)
+            self._init_integrity()
             self._precreate()
             self._consumer.subscribe(
                 [self.input_topic],
@@ -179,6 +194,23 @@ class Runner:
             self._close()
         log_event(_LOG, "runner_stopped", **_stats_fields(self.stats))
         return self.stats
+
+    def _init_integrity(self) -> None:
+        """Open the in-transaction audit chain (after init_transactions: the previous
+        incarnation's open transaction is aborted by then, so the head is the committed one)."""
+        if not self._integrity:
+            return
+        a = self._s.audit
+        key = load_signing_key(
+            env=os.environ,
+            text=a.signing_key.get_secret_value() if a.signing_key else None,
+            key_file=a.signing_key_file,
+            dev_dir=default_audit_dir(os.environ),
+        )
+        conf = admin_config(self._s)
+        ensure_audit_topic(conf, self.audit_topic)
+        writer = f"processor/{self.txn_id}"
+        self._chain = TxnAuditChain(key, writer, find_head(conf, self.audit_topic, writer))
 
     def _init_transactions(self) -> None:
         self._producer.init_transactions(_TXN_TIMEOUT_S)
@@ -363,7 +395,6 @@ class Runner:
         produce = self._producer.produce
         poll = self._producer.poll
         sealed_topic = self._sealed_topic
-        sanitised_topic = self._sanitised_topic
         names = self.names
         n = 0
         for rec in result.sealed:
@@ -378,18 +409,10 @@ class Runner:
             n += 1
             if n % _POLL_EVERY == 0:
                 poll(0)
-        for rec in result.sanitised:
-            topic = sanitised_topic.get(rec.month)
-            if topic is None:
-                topic = sanitised_topic[rec.month] = names.sanitised(rec.month)
-            try:
-                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
-            except BufferError:
-                self._wait_queue()
-                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
-            n += 1
-            if n % _POLL_EVERY == 0:
-                poll(0)
+        if self._chain is not None:
+            n = self._produce_sanitised_with_leaves(result, n)
+        else:
+            n = self._produce_sanitised(result, n)
         if result.rejected:
             now_ms = self._clock_ms()
             rejected_topic = names.rejected
@@ -415,6 +438,69 @@ class Runner:
                     produce(rejected_topic, value, src.key(), timestamp=now_ms, headers=headers)
         poll(0)
 
+    def _produce_sanitised(self, result: BatchResult, n: int) -> int:
+        produce = self._producer.produce
+        poll = self._producer.poll
+        sanitised_topic = self._sanitised_topic
+        for rec in result.sanitised:
+            topic = sanitised_topic.get(rec.month)
+            if topic is None:
+                topic = sanitised_topic[rec.month] = self.names.sanitised(rec.month)
+            try:
+                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
+            except BufferError:
+                self._wait_queue()
+                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
+            n += 1
+            if n % _POLL_EVERY == 0:
+                poll(0)
+        return n
+
+    def _produce_sanitised_with_leaves(self, result: BatchResult, n: int) -> int:
+        """Sanitised records tagged with their leaf (batch id / index), then one signed
+        integrity.root per month topic into the audit topic: same transaction."""
+        chain = self._chain
+        assert chain is not None
+        produce = self._producer.produce
+        poll = self._producer.poll
+        batch_id = f"{self._leaf_prefix}.{self._batch_seq}"
+        self._batch_seq += 1
+        leaves: dict[str, list[bytes]] = {}
+        for rec in result.sanitised:
+            topic = self._sanitised_topic.get(rec.month)
+            if topic is None:
+                topic = self._sanitised_topic[rec.month] = self.names.sanitised(rec.month)
+            hashes = leaves.get(topic)
+            if hashes is None:
+                hashes = leaves[topic] = []
+            headers: list[tuple[str, str | bytes | None]] = [
+                (LEAF_HEADER, f"{batch_id}/{len(hashes)}".encode())
+            ]
+            hashes.append(leaf_hash(bytes.fromhex(rec.digest or "")))
+            try:
+                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms, headers=headers)
+            except BufferError:
+                self._wait_queue()
+                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms, headers=headers)
+            n += 1
+            if n % _POLL_EVERY == 0:
+                poll(0)
+        for topic, hashes in leaves.items():
+            raw = chain.event(
+                "integrity.root",
+                actor="processor",
+                stream=topic,
+                batch=batch_id,
+                size=len(hashes),
+                root=root_from_leaf_hashes(hashes).hex(),
+            )
+            try:
+                produce(self.audit_topic, raw)
+            except BufferError:
+                self._wait_queue()
+                produce(self.audit_topic, raw)
+        return n
+
     def _wait_queue(self) -> None:
         """The producer queue is full: serve delivery reports until there is room."""
         self._m.paused.labels("producer_queue").set(1)
@@ -433,6 +519,8 @@ class Runner:
             try:
                 self._producer.commit_transaction(_TXN_TIMEOUT_S)
                 self._in_txn = False
+                if self._chain is not None:
+                    self._chain.committed()
                 return
             except KafkaException as exc:
                 err = kafka_error(exc)
@@ -460,6 +548,8 @@ class Runner:
             try:
                 self._producer.abort_transaction(_TXN_TIMEOUT_S)
                 self._in_txn = False
+                if self._chain is not None:
+                    self._chain.aborted()
                 self._m.transactions.labels("aborted").inc()
                 self.stats.aborted += 1
                 return

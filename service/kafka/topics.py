@@ -74,6 +74,11 @@ class TopicNames:
         """Input that failed validation, byte for byte."""
         return f"{self.prefix}.rejected"
 
+    @property
+    def audit(self) -> str:
+        """The tamper-evident audit log (one partition)."""
+        return f"{self.prefix}.audit"
+
     def sealed(self, month: str) -> str:
         """Billing fields + identifiers sealed under the month key."""
         return f"{self.prefix}.sealed.{month}"

@@ -305,7 +305,7 @@ def read_outputs(bootstrap: str, prefix: str, expected_inputs: int) -> Outputs:
     topics = sorted(
         t
         for t in admin.list_topics(timeout=10).topics
-        if t.startswith(prefix + ".") and t != names.raw
+        if t == names.rejected or t.startswith((prefix + ".sealed.", prefix + ".sanitised."))
     )
     records = consume_until(
         bootstrap,
