@@ -1,0 +1,1 @@
+"""Checks of what SREs run: dashboards, alert rules, compose, Kubernetes, a live Prometheus."""
