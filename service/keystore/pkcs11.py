@@ -53,6 +53,9 @@ KEK_ID_BYTES: Final = 16
 
 log = logging.getLogger("cdranon.keystore")
 _PROCESS_LOCK = threading.RLock()
+# Bumped by every C_Finalize/C_Initialize of the module in this process (``_reload``): a
+# wrapper whose session is from an older epoch opens a new one (the old handle is void).
+_EPOCH = [0]
 
 # Errors meaning the token or our session went away: pause and retry, never fail a record.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -185,6 +188,7 @@ class Pkcs11Wrapper:
                 "keystore wraps month secrets with"
             )
         self._session: pkcs11.Session | None = None
+        self._epoch = _EPOCH[0]
         with self._lock:
             self._open()
 
@@ -194,6 +198,9 @@ class Pkcs11Wrapper:
     # -- sessions ---------------------------------------------------------------------------
 
     def _open(self) -> pkcs11.Session:
+        if self._epoch != _EPOCH[0]:
+            self._token = self._lib.get_token(token_label=self.config.token)
+            self._epoch = _EPOCH[0]
         try:
             self._session = self._token.open(rw=True, user_pin=self._pin)
         except p11e.UserAlreadyLoggedIn:
@@ -212,7 +219,26 @@ class Pkcs11Wrapper:
         return self._session
 
     def _s(self) -> pkcs11.Session:
-        return self._session if self._session is not None else self._open()
+        if self._session is not None and self._epoch == _EPOCH[0]:
+            return self._session
+        self._session = None  # from before a reload: the handle is void, nothing to close
+        return self._open()
+
+    def _reload(self) -> pkcs11.Session:
+        """Finalise and re-initialise the module, then log in again: a view from scratch.
+
+        SoftHSM2 caches the token's object list per process and refreshes it from a
+        generation counter that two processes writing at once can both bump to the same
+        value, leaving each blind to the other's new object. Real HSMs need this less;
+        it is cheap and only runs when a KEK is not found, and on destroy.
+        """
+        self._drop_session()
+        try:
+            self._lib.reinitialize()
+        except p11e.PKCS11Error as exc:
+            raise self._unavailable("re-initialising the PKCS#11 module", exc) from exc
+        _EPOCH[0] += 1
+        return self._open()
 
     def _drop_session(self) -> None:
         s, self._session = self._session, None
@@ -277,6 +303,8 @@ class Pkcs11Wrapper:
 
     def _kek(self, kid: str, kek_id: str) -> _Kek:
         found = self._keks(self._s(), kid, bytes.fromhex(kek_id))
+        if not found:
+            found = self._keks(self._reload(), kid, bytes.fromhex(kek_id))
         if len(found) != 1:
             raise KeystoreError(
                 f"the KEK of {kid} (id {kek_id}) is "
@@ -364,13 +392,20 @@ class Pkcs11Wrapper:
         split_key_id(kid)
         with self._lock:
             try:
-                keks = self._keks(self._s(), kid)
+                # From a reloaded module: a KEK another process just made must not be missed.
+                keks = self._keks(self._reload(), kid)
+                refused = []
                 for kek in keks:
-                    kek.destroy()
-                # Close our session (logging out) and look again from a new login, so the
-                # check does not read a session's cached view of the token.
-                self._drop_session()
-                left = len(self._keks(self._open(), kid))
+                    # One refusal must not spare the others: destroy all we can, then check.
+                    try:
+                        kek.destroy()
+                    except _UNAVAILABLE:
+                        raise
+                    except p11e.PKCS11Error as exc:
+                        refused.append(exc.__class__.__name__)
+                # Close our session (logging out) and look again from a new login on a
+                # re-initialised module, so the check reads no cached view of the token.
+                left = len(self._keks(self._reload(), kid))
             except _UNAVAILABLE as exc:
                 raise self._unavailable(f"destroying the KEK of {kid}", exc) from exc
             except p11e.PKCS11Error as exc:
@@ -379,9 +414,10 @@ class Pkcs11Wrapper:
                     "run the destroy again"
                 ) from exc
         if left:
+            why = f" (C_DestroyObject refused: {', '.join(refused)})" if refused else ""
             raise KeystoreError(
                 f"destroying the KEK of {kid} did not stick: {left} object(s) labelled {kid} "
-                f"are still in token {self.config.token!r} after logging in again"
+                f"are still in token {self.config.token!r} after logging in again{why}"
             )
         if keks:
             log.info("destroyed %d KEK(s) of %s in token %s", len(keks), kid, self.config.token)

@@ -158,7 +158,7 @@ def test_destroy_that_does_not_stick_is_an_error(
             store=True,
             template={Attribute.DESTROYABLE: False},
         )
-    with pytest.raises(KeystoreError, match=f"KEK of {kid}"):
+    with pytest.raises(KeystoreError, match=f"KEK of {kid} did not stick: 1 object"):
         ks.destroy(kid)
     # The destroyed marker was written first: the month is unusable all the same.
     with pytest.raises(KeyDestroyedError):
