@@ -231,7 +231,7 @@ def _scenario(
     for f in admin.create_topics([NewTopic(src, 3, 1), NewTopic(f"{tag}.out", 3, 1)]).values():
         f.result()
     env: dict[str, str] = {}
-    if name == "cdranon":
+    if name.startswith("cdranon"):
         keys = Path(tempfile.mkdtemp(prefix="e2e-keys-"))
         env = {
             "CDRANON_MASTER_KEY": generate_master_key(),
@@ -242,6 +242,9 @@ def _scenario(
             "CDRANON_METRICS__ENABLED": "false",
             "CDRANON_LOGGING__LEVEL": "WARNING",
             "CDRANON_TOPICS__REPLICATION_FACTOR": "1",
+            # "cdranon-nointegrity": the same processor without digests and signed roots,
+            # so the cost of "original form" is measured in the same run.
+            "CDRANON_INTEGRITY__ENABLED": "false" if name.endswith("nointegrity") else "true",
         }
         proc = Proc(["service.cli", "run"], env)
         pattern = rf"^{tag}\.(sanitised)\.[0-9]{{4}}-[0-9]{{2}}$"
@@ -330,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-s", type=float, default=10.0)
     ap.add_argument("--bootstrap", default=os.environ.get("CDRANON_BOOTSTRAP", ""))
     ap.add_argument("--only", default="cdranon,passthrough-txn,passthrough-plain")
+    ap.add_argument("--output", default="e2e", help="results name under benchmarks/results/")
     ap.add_argument("--role", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"ratio_e2e_to_{ceiling}"] = round(
                     e2e / results[ceiling]["records_per_s"], 3
                 )
-    path = write_results("e2e", results)
+    path = write_results(args.output, results)
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
     print(f"written to {path}")
     return 0

@@ -482,7 +482,7 @@ def hold_keys(hold_id: str, secret: bytes, month: str) -> MonthKeys:
     seal_root = hkdf(secret, _INFO_HOLD_SEAL + kid.encode())
     # MonthKeys wants a pseudonym HMAC too; a hold never computes pseudonyms.
     unused = HMAC(hkdf(secret, _INFO_HOLD_UNUSED + kid.encode()), hashes.SHA256())
-    return MonthKeys(kid, month, f"hold-{hold_id}", seal_root, unused, {})
+    return MonthKeys(kid, month, f"hold-{hold_id}", seal_root, unused)
 
 
 def new_hold(

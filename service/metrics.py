@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 _CODE = re.compile(r"^[a-z0-9_]{1,48}$")
 _MAX_REASONS = 64
@@ -36,6 +43,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_cpu_seconds_total, process_resident_memory_bytes... (dashboard row "Process")
+        ProcessCollector(registry=r)
         self.records_consumed = Counter(
             "cdranon_records_consumed", "Input records read from the input topic.", registry=r
         )
@@ -236,6 +245,7 @@ class RetentionMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
         self.month_keys = Gauge(
             "cdranon_month_keys", "Month keys in the keystore, by state.", ["state"], registry=r
         )

@@ -355,9 +355,10 @@ def _one_pass(controller: Controller, lease: Lease | None) -> int:
         level=logging.INFO if report.ok else logging.ERROR,
         **report.counts(),
         overdue_seconds=report.overdue_seconds,
-        failed=[f"{o.action.name}" for o in report.outcomes if o.status is Status.FAILED],
+        # counts() already holds the number failed; these are the actions, by name.
+        failed_actions=[f"{o.action.name}" for o in report.outcomes if o.status is Status.FAILED],
     )
-    return 1
+    return 1  # one pass done (the caller counts passes)
 
 
 __all__ = ["broker_parts", "build", "print_report", "register", "registry_for"]

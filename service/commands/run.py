@@ -63,6 +63,7 @@ def build_transformer(settings: Settings) -> Transformer:
         keyring,
         tz=zone(settings.timezone) if settings.timezone else None,
         future_tolerance_s=settings.future_tolerance_s,
+        integrity=settings.integrity.enabled,
     )
 
 

@@ -197,12 +197,6 @@ def test_dashboard_and_alert_metrics_are_exported_by_live_scrapes(live: Live) ->
     assert missing == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/metrics.py registers no ProcessCollector: no process_cpu_seconds_total "
-    "or process_resident_memory_bytes (dashboard row 'Process'); lead: add "
-    "ProcessCollector(registry=r) to Metrics and RetentionMetrics",
-)
 def test_process_panels_metrics_are_exported(live: Live) -> None:
     exported = exported_names(http_get(live.processor_url))
     wanted = {n for _, e in dashboard_exprs() for n in metric_names(e) if n.startswith("process_")}
@@ -417,13 +411,6 @@ def test_prometheus_scrapes_the_key_series_with_sane_values(
 # --- retention watch ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="`cdranon retention watch` crashes after its first pass: log_event() gets "
-    "'failed' twice (service/commands/retention.py _one_pass: **report.counts() already "
-    "holds 'failed')",
-)
 def test_retention_watch_serves_metrics_after_a_pass(
     tmp_path: Path, keys_env: dict[str, str]
 ) -> None:

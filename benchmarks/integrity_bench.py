@@ -1,0 +1,135 @@
+"""What "original form" costs, and how fast a month verifies (issue 10's targets).
+
+    python -m benchmarks.integrity_bench [--records 1000000] [--rounds 3] [--e2e]
+
+1. Verification: a month of sanitised records (made by the real transform) with their
+   signed-root ranges, checked by service.verify.verify_stream: records/s (target >= 200k).
+2. The transform with integrity on vs off over the same records (thread CPU time).
+3. With --e2e: `cdranon run` end to end through a local broker, integrity on vs off, in
+   one run (benchmarks.e2e_bench scenarios "cdranon" and "cdranon-nointegrity").
+Results: benchmarks/results/integrity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmarks.common import machine, median, pin_one_core, rounds, write_results
+from service.generator import generate_cdrs
+from service.integrity import added_fields
+from service.keyring import Keyring
+from service.keystore.file import FileKeystore
+from service.keystore.master import MasterKey
+from service.months import parse_rfc3339, to_ms
+from service.policy import load_policy
+from service.transform import Transformer
+from service.verify import RootEvent, root_event_details, verify_stream
+
+MONTH = "2026-10"
+NOW = "2026-12-01T00:00:00Z"
+BATCH = 5000
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--e2e", action="store_true", help="also run cdranon run on/off via a broker")
+    ap.add_argument("--e2e-records", type=int, default=50_000)
+    args = ap.parse_args(argv)
+    core = pin_one_core()
+    policy = load_policy()
+    now = to_ms(parse_rfc3339(NOW))
+    tmp = Path(tempfile.mkdtemp(prefix="cdranon-integrity-"))
+    keyring = Keyring(FileKeystore(tmp / "keys", MasterKey(b"\x02" * 32, source="bench")))
+    print(f"generating {args.records} records of {MONTH} ...", file=sys.stderr)
+    raw = list(generate_cdrs(args.records, months=[MONTH], seed=11, now=parse_rfc3339(NOW)))
+    batches = [raw[i : i + BATCH] for i in range(0, len(raw), BATCH)]
+
+    # The month as `cdranon process` writes it: records by line, one root per batch.
+    tf = Transformer(policy, keyring)
+    records: list[tuple[int, bytes]] = []
+    roots: list[RootEvent] = []
+    for b in batches:
+        res = tf.transform(b, now)
+        first = len(records)
+        records += [(first + i, o.value) for i, o in enumerate(res.sanitised)]
+        digests = [o.digest or "" for o in res.sanitised]
+        roots.append(RootEvent(**root_event_details("m", first, len(records) - 1, digests)))
+    added = added_fields(policy)
+    n = len(records)
+
+    def verify(jobs: int) -> None:
+        rep = verify_stream("m", records, roots, added, jobs=jobs)
+        if not rep.ok:
+            raise SystemExit("benchmark month does not verify")
+
+    # One process: thread CPU time. All cores: wall time (the workers' CPU is elsewhere).
+    v_s = median(rounds(lambda: verify(1), args.rounds, warmup=0))
+    jobs = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    verify(jobs)
+    v_all_s = time.perf_counter() - t0
+
+    def transform(integrity: bool) -> None:
+        t = Transformer(policy, keyring, integrity=integrity)
+        for b in batches:
+            t.transform(b, now)
+
+    on = median(rounds(lambda: transform(True), args.rounds))
+    off = median(rounds(lambda: transform(False), args.rounds))
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "pinned_core": core,
+        "records": n,
+        "verify_records_per_s_one_core": round(n / v_s),
+        "verify_records_per_s_all_cores": round(n / v_all_s),
+        "verify_jobs": jobs,
+        "verify_target_records_per_s": 200_000,
+        "transform_integrity_on_ns_per_record": round(on / len(raw) * 1e9),
+        "transform_integrity_off_ns_per_record": round(off / len(raw) * 1e9),
+        "transform_on_off_throughput_ratio": round(off / on, 3),
+    }
+    if args.e2e:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.e2e_bench",
+                "--only",
+                "cdranon,cdranon-nointegrity",
+                "--records",
+                str(args.e2e_records),
+                "--output",
+                "e2e-integrity",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        print(out.stdout, file=sys.stderr)
+        e2e = orjson.loads((Path(__file__).parent / "results/e2e-integrity.json").read_bytes())
+        r_on = e2e["cdranon"]["records_per_s"]
+        r_off = e2e["cdranon-nointegrity"]["records_per_s"]
+        result["e2e_integrity_on_records_per_s"] = r_on
+        result["e2e_integrity_off_records_per_s"] = r_off
+        result["e2e_on_off_throughput_ratio"] = round(r_on / r_off, 3)
+    path = write_results("integrity", result)
+    for k, v in result.items():
+        if k != "machine":
+            print(f"{k:40s} {v}")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
