@@ -33,7 +33,8 @@ def zone(name: str) -> tzinfo:
         return UTC
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        # OSError: a directory of the tz database ("Europe") is not a zone.
         raise ConfigError(f"unknown time zone {name!r}: expected an IANA name such as UTC") from exc
 
 
