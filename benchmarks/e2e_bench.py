@@ -122,7 +122,7 @@ class Proc:
     """A processor subprocess."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.p = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        self.p = subprocess.Popen(
             [sys.executable, "-m", *args],
             cwd=REPO,
             env={**os.environ, **env},

@@ -135,7 +135,7 @@ def run_process(
     samples: list[Sample] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen(  # noqa: S603  # our own interpreter and module, no shell
+        proc = subprocess.Popen(  # our own interpreter and module, no shell
             cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr
         )
         next_tick = t0

@@ -140,7 +140,6 @@ def test_unknown_identifier_kind(kind: object) -> None:
     assert "expected one of email, imei, imsi, msisdn, opaque" in msg
 
 
-
 @pytest.mark.parametrize(
     "kind",
     [
@@ -180,7 +179,6 @@ def test_reserved_output_names(name: str, where: str) -> None:
     msg = _error(doc)
     assert f"field {name!r}" in msg
     assert "expected a name the service does not add itself" in msg
-
 
 
 @pytest.mark.parametrize(
