@@ -108,8 +108,9 @@ def write_config(
     instance_id: str | None = None,
     metrics_port: int | None = None,
     extra: str = "",
+    keystore_url: str | None = None,
 ) -> Path:
-    """A settings TOML for one test's processors."""
+    """A settings TOML for one test's processors (``keystore_url`` overrides ``keystore``)."""
     lines = [
         "[kafka]",
         f'bootstrap_servers = "{bootstrap}"',
@@ -129,7 +130,7 @@ def write_config(
         "partitions = 3",
         "replication_factor = 1",
         "[keystore]",
-        f'url = "file://{keystore}"',
+        f'url = "{keystore_url or f"file://{keystore}"}"',
         "[metrics]",
         f"enabled = {'true' if metrics_port is not None else 'false'}",
         f"port = {metrics_port or 0}",

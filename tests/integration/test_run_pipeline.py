@@ -11,8 +11,12 @@ from confluent_kafka.admin._config import ConfigResource  # not re-exported for 
 
 from service.generator import iter_generated
 from service.kafka.topics import TopicNames, sealed_retention_ms
-from service.keystore import generate_master_key
 from service.months import now_utc
+from tests.integration.hsm_fixtures import (  # noqa: F401  # fixtures
+    KeystoreUnderTest,
+    keystore_backend,
+    softhsm_token,
+)
 from tests.integration.kafka_helpers import create_topics
 from tests.integration.run_support import (
     Processor,
@@ -39,8 +43,13 @@ def _metric(body: str, line_start: str) -> float:
 
 @pytest.mark.slow
 def test_100k_cdrs_three_months_exactly_once(
-    kafka_bootstrap: str, admin: AdminClient, tmp_path: Path, unique_id: str
+    kafka_bootstrap: str,
+    admin: AdminClient,
+    tmp_path: Path,
+    unique_id: str,
+    keystore_backend: KeystoreUnderTest,  # noqa: F811  # the imported fixture
 ) -> None:
+    """Run once with the file keystore and once with pkcs11 on SoftHSM2 (+ cdr.keys)."""
     prefix = f"pipe-{unique_id}"
     names = TopicNames(prefix)
     create_topics(admin, [names.raw], partitions=3)
@@ -57,14 +66,14 @@ def test_100k_cdrs_three_months_exactly_once(
         values[i] = redate(values[i], stale_at)
     sent = produce_input(kafka_bootstrap, names.raw, values)
 
-    keys = tmp_path / "keys"
-    env = {"CDRANON_MASTER_KEY": generate_master_key()}
+    env = dict(keystore_backend.env)
     cfg = write_config(
         tmp_path / "run.toml",
         bootstrap=kafka_bootstrap,
         prefix=prefix,
         group=f"g-{unique_id}",
-        keystore=keys,
+        keystore=tmp_path / "keys",
+        keystore_url=keystore_backend.url,
         metrics_port=0,
     )
     proc = Processor(cfg, env)
@@ -78,7 +87,7 @@ def test_100k_cdrs_three_months_exactly_once(
         proc.close()
 
     out = read_outputs(kafka_bootstrap, prefix, N)
-    verdict = check_invariants(sent, out, prefix, f"file://{keys}", env)
+    verdict = check_invariants(sent, out, prefix, keystore_backend.url, env)
     malformed = sum(1 for g in gen if g.malformed is not None)
     assert verdict.rejected >= malformed
     assert verdict.stripped >= STALE - 1
