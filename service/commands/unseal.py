@@ -19,6 +19,7 @@ from service.audit import Auditor, check_free_text
 from service.commands.audit import add_audit_flag, auditor_from_args
 from service.commands.common import add_keystore_flag, keystore_url
 from service.errors import ConfigError, KeystoreError, SealError
+from service.holds import hold_id_of_key
 from service.keyring import Keyring
 from service.keystore import open_keystore
 from service.sealing import Unsealer, blob_key_id
@@ -79,6 +80,13 @@ def _unseal(args: argparse.Namespace, who: str, auditor: Auditor) -> int:
             if not isinstance(rec, dict) or "sealed" not in rec or "cdr_id" not in rec:
                 raise SealError("not a sealed record (needs cdr_id and sealed)")
             kid = blob_key_id(rec["sealed"])
+            held = hold_id_of_key(kid)
+            if held is not None:
+                # A legal hold's copy: its key lives with the hold, and reading it is the
+                # hold's own audited command.
+                raise SealError(
+                    f"sealed under legal hold {held[0]}: use `cdranon hold unseal --id {held[0]}`"
+                )
             tried.add(kid)
             u = unsealers.get(kid)
             if u is None:
