@@ -357,7 +357,12 @@ class FileKeystore:
             for name in names:
                 m = _FILE_NAME.match(name)
                 if not m:
-                    if name != DEV_MASTER_KEY_NAME and not name.startswith("."):
+                    # Subdirectories belong to others (holds/: the legal hold registry).
+                    if (
+                        name != DEV_MASTER_KEY_NAME
+                        and not name.startswith(".")
+                        and not (self.directory / name).is_dir()
+                    ):
                         log.warning("ignoring unexpected file %s in the keystore", name)
                     continue
                 kid = f"{m.group(1)}/{m.group(2)}"
