@@ -34,7 +34,7 @@ integration: setup
 	$(PY) -m pytest tests/integration
 
 test: lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 bench: setup
 	$(PY) -m benchmarks.run
