@@ -20,6 +20,16 @@ from service.errors import CdranonError
 from tests.integration.kafka_helpers import create_topics, unique_name
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--soak``: run tests/reliability at soak scale (here so it works from the top)."""
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="reliability suite at soak scale: more records, kills and examples (slow)",
+    )
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of a real broker for the whole session."""

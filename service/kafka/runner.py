@@ -35,6 +35,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from hashlib import sha256
 
 from confluent_kafka import (
     Consumer,
@@ -73,6 +74,8 @@ _PRECREATE_EVERY_S = 600.0
 # be a tenth of the budget): at most this many records per batch, spread evenly.
 _LATENCY_SAMPLES = 32
 _POLL_EVERY = 1024
+_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes default
+_REJECTED_ROOM = 64 * 1024  # for the key, the headers and the record overhead
 
 TP = tuple[str, int]
 
@@ -122,6 +125,13 @@ class Runner:
         )
         pconf = producer_config(settings, self.txn_id, error_cb=self._on_error)
         self._queue_max = int(pconf["queue.buffering.max.messages"])
+        # A rejected input is copied to cdr.rejected byte for byte, unless the copy could not
+        # be produced (larger than the producer's message.max.bytes, less room for key and
+        # headers): then it would abort every retry of its batch and wedge the partition.
+        # Such a copy carries the headers, the size and the SHA-256 of the input instead.
+        self._rejected_value_max = (
+            int(pconf.get("message.max.bytes", _DEFAULT_MESSAGE_MAX_BYTES)) - _REJECTED_ROOM
+        )
         self._producer = Producer(pconf)
         self._admin = AdminClient(admin_config(settings))
         self.topics = TopicManager(
@@ -431,6 +441,13 @@ class Runner:
                 # The original bytes, unchanged (value() as read, None for a tombstone);
                 # timestamped now: retention runs from rejection, see topics.py.
                 value = src.value()
+                if value is not None and len(value) > self._rejected_value_max:
+                    headers += [
+                        ("original_bytes", str(len(value)).encode()),
+                        ("original_sha256", sha256(value).hexdigest().encode()),
+                        ("value_dropped", b"too_large_to_copy"),
+                    ]
+                    value = None
                 try:
                     produce(rejected_topic, value, src.key(), timestamp=now_ms, headers=headers)
                 except BufferError:
