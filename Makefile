@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup demo test lint fmt unit integration bench bench-core kafka-start kafka-stop constraints clean
+.PHONY: help setup demo test lint fmt unit integration bench bench-core bench-check kafka-start kafka-stop constraints clean
 
 help:
 	@echo "make demo   - set up, start a local Kafka and run the anonymiser on generated CDRs"
 	@echo "make test   - set up, lint (ruff, mypy --strict) and run the whole test suite"
-	@echo "make lint | unit | integration | bench | kafka-start | kafka-stop | clean"
+	@echo "make lint | unit | integration | bench | bench-check | kafka-start | kafka-stop | clean"
 
 setup:
 	@scripts/bootstrap.sh
@@ -38,6 +38,11 @@ test: lint
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# A short run compared with the last committed benchmarks/results/bench.json as ratios;
+# fails on a > 25% drop. Not part of `make test` (timings are not tests).
+bench-check: setup
+	$(PY) -m benchmarks.check
 
 bench-core: setup
 	$(PY) -m benchmarks.transform_bench
