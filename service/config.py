@@ -157,6 +157,9 @@ class BatchSettings(_Section):
 
     max_records: int = Field(default=10_000, ge=1, le=1_000_000)
     max_wait_ms: int = Field(default=100, ge=1, le=60_000)
+    # Commit batch N (send offsets + commit, blocking network calls) on a helper thread
+    # while batch N+1 is transformed: the transaction stays one per batch, strictly in order.
+    pipeline: bool = True
 
 
 class TopicsSettings(_Section):

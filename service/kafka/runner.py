@@ -22,6 +22,13 @@ One iteration, one transaction (the order matters):
    unrecoverable) -> KafkaFatalError: the process exits non-zero, with nothing partial
    committed (an open transaction is aborted by the broker).
 
+Pipelining (``batch.pipeline``, on by default): step 4's ``send_offsets_to_transaction``
+and ``commit_transaction`` (network round trips, ~80 ms per batch here) run on a helper
+thread while the main thread consumes and transforms the next batch (pure CPU). The next
+transaction begins only after that commit has finished; if it failed, it is aborted and
+both batches are rewound. Rebalance callbacks first wait for an in-flight commit, so a
+transaction is still never open when partitions are given up.
+
 Shutdown (``request_stop``, called from SIGTERM/SIGINT): the current batch is finished (or,
 if it cannot be, abandoned uncommitted), the consumer leaves the group, the run returns.
 """
@@ -34,6 +41,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
 
@@ -156,6 +164,10 @@ class Runner:
         # even when several processors write into one partition.
         self._leaf_prefix = secrets.token_hex(6)
         self._batch_seq = 0
+        # The batch whose transaction is committing on the helper thread (see the docstring).
+        self._pipeline = settings.batch.pipeline
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdranon-commit")
+        self._pending: tuple[list[Message], BatchResult, float, Future[None]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -195,11 +207,13 @@ class Runner:
                 if time.monotonic() - self._last_precreate > _PRECREATE_EVERY_S:
                     self._precreate()
                 msgs = consume(max_records, wait_s)
-                if msgs:
-                    batch = self._records(msgs)
-                    if batch:
-                        self._process(batch)
+                batch = self._records(msgs) if msgs else []
+                if batch:
+                    self._process(batch)
+                else:
+                    self._finish_pending()  # idle: make the last batch visible now
                 self._producer.poll(0)
+            self._finish_pending()
         finally:
             self._close()
         log_event(_LOG, "runner_stopped", **_stats_fields(self.stats))
@@ -231,6 +245,12 @@ class Runner:
         log_event(_LOG, "topics_ready", months=months, level=logging.DEBUG)
 
     def _close(self) -> None:
+        if self._pending is not None:
+            try:
+                self._finish_pending()
+            except KafkaFatalError as exc:
+                log_event(_LOG, "commit_failed_at_close", level=logging.ERROR, error=str(exc))
+        self._committer.shutdown(wait=True)
         if self._in_txn:
             self._abort_quietly()
         try:
@@ -254,8 +274,10 @@ class Runner:
         )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # consume() is only called between transactions, so this never fires mid-transaction;
-        # the check is a guard against a future change of the loop, not a normal path.
+        # consume() runs between transactions, but with pipelining the previous batch may
+        # still be committing on the helper thread: finish it (or abort it) first, so no
+        # transaction is open when the partitions are given up.
+        self._finish_pending()
         if self._in_txn:
             self._abort_quietly()
         self._drop(partitions, "revoked")
@@ -355,11 +377,16 @@ class Runner:
             self._m.transform_duration.observe(time.perf_counter() - t0)
         self._resume()
         self._m.month_keys_cached.set(len(self._t.keyring))
-        if self._write(batch, result):
-            self._account(batch, result, started)
+        if not self._finish_pending():
+            # The previous batch's transaction aborted and was rewound; this batch was read
+            # after it, so it is read again too.
+            self._rewind(batch)
+            return
+        self._write(batch, result, started)
 
-    def _write(self, batch: list[Message], result: BatchResult) -> bool:
-        """Write one batch's outputs and offsets in one transaction; True if committed."""
+    def _write(self, batch: list[Message], result: BatchResult, started: float) -> None:
+        """Write one batch's outputs and offsets in one transaction (committed here, or on
+        the helper thread when pipelining: see :meth:`_finish_pending`)."""
         self._retry_kafka(
             "create_topics",
             lambda: self.topics.ensure_months(
@@ -372,33 +399,62 @@ class Runner:
             off = (m.offset() or 0) + 1
             if off > offsets.get(tp, -1):
                 offsets[tp] = off
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             self._producer.begin_transaction()
             self._in_txn = True
             self._produce_all(batch, result)
-            self._producer.send_offsets_to_transaction(
-                [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                self._consumer.consumer_group_metadata(),
-                _TXN_TIMEOUT_S,
-            )
-            self._commit()
+            group = self._consumer.consumer_group_metadata()
         except KafkaException as exc:
-            err = kafka_error(exc)
-            if err.fatal():
-                raise _fatal_error(err, "producer") from None
-            log_event(
-                _LOG,
-                "transaction_aborting",
-                level=logging.WARNING,
-                code=err.name(),
-                error=err.str(),
-                abortable=err.txn_requires_abort(),
-                records=len(batch),
-            )
-            self._abort()
-            self._rewind(batch)
+            self._failed(exc, batch)
+            return
+        if self._pipeline:
+            fut = self._committer.submit(self._send_and_commit, tps, group)
+            self._pending = (batch, result, started, fut)
+            return
+        try:
+            self._send_and_commit(tps, group)
+        except KafkaException as exc:
+            self._failed(exc, batch)
+            return
+        self._account(batch, result, started)
+
+    def _send_and_commit(self, tps: list[TopicPartition], group: object) -> None:
+        """The input offsets into the transaction, then commit (may run on the helper thread)."""
+        self._producer.send_offsets_to_transaction(tps, group, _TXN_TIMEOUT_S)
+        self._commit()
+
+    def _finish_pending(self) -> bool:
+        """Wait for the batch committing on the helper thread; True if it committed (or
+        none was pending), False if it was aborted and rewound."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return True
+        batch, result, started, fut = pending
+        try:
+            fut.result()
+        except KafkaException as exc:
+            self._failed(exc, batch)
             return False
+        self._account(batch, result, started)
         return True
+
+    def _failed(self, exc: KafkaException, batch: list[Message]) -> None:
+        """A transaction failed: fatal -> KafkaFatalError; otherwise abort and rewind."""
+        err = kafka_error(exc)
+        if err.fatal():
+            raise _fatal_error(err, "producer") from None
+        log_event(
+            _LOG,
+            "transaction_aborting",
+            level=logging.WARNING,
+            code=err.name(),
+            error=err.str(),
+            abortable=err.txn_requires_abort(),
+            records=len(batch),
+        )
+        self._abort()
+        self._rewind(batch)
 
     def _produce_all(self, batch: Sequence[Message], result: BatchResult) -> None:
         # Hot path: bound methods and dicts in locals.

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -408,7 +408,32 @@ def check_invariants(
     assert len(out.sanitised) + len(out.rejected) == n
 
     # Sealed: one per identifiable record, identifiers unseal to exactly the input's.
-    keyring = Keyring(open_keystore(keystore_url, env=env))
+    store = open_keystore(keystore_url, env=env)
+    try:
+        sealed_ids = _check_sealed(out, store, by_id, names, identifier_fields, billing_fields)
+    finally:
+        # A shared (kafka://) store follows its topic with a consumer: close it.
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+    dups = [c for c, k in sealed_ids.items() if k > 1]
+    assert not dups, f"{len(dups)} duplicated sealed records, e.g. {dups[:3]}"
+    assert len(out.sealed) + stripped == len(out.sanitised), (
+        f"sealed {len(out.sealed)} + stripped {stripped} != sanitised {len(out.sanitised)}"
+    )
+    return Verdict(len(out.sealed), len(out.sanitised), len(out.rejected), stripped)
+
+
+def _check_sealed(
+    out: Outputs,
+    store: Any,
+    by_id: dict[str, dict[str, Any]],
+    names: TopicNames,
+    identifier_fields: Iterable[str],
+    billing_fields: Iterable[str],
+) -> Counter[str]:
+    """Sealed: one per identifiable record, identifiers unseal to exactly the input's."""
+    keyring = Keyring(store)
     unsealers: dict[str, Unsealer] = {}
     sealed_ids: Counter[str] = Counter()
     for r in out.sealed:
@@ -426,12 +451,7 @@ def check_invariants(
         for f in billing_fields:
             assert doc.get(f) == src.get(f), f"sealed {cid}: billing field {f} differs"
         assert r.topic == names.sealed(doc["month"])
-    dups = [c for c, k in sealed_ids.items() if k > 1]
-    assert not dups, f"{len(dups)} duplicated sealed records, e.g. {dups[:3]}"
-    assert len(out.sealed) + stripped == len(out.sanitised), (
-        f"sealed {len(out.sealed)} + stripped {stripped} != sanitised {len(out.sanitised)}"
-    )
-    return Verdict(len(out.sealed), len(out.sanitised), len(out.rejected), stripped)
+    return sealed_ids
 
 
 def month_ago(months: int) -> datetime:
