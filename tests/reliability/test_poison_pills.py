@@ -30,6 +30,7 @@ from tests.integration.run_support import (
     wait_all_committed,
     write_config,
 )
+from tests.reliability.support import find_needles, spellings
 
 BIG = 8 * 1024 * 1024
 
@@ -172,6 +173,13 @@ def test_poison_pills_are_rejected_with_a_reason_and_the_stream_goes_on(
     assert [d for d in proc.lines if str(d.get("level", "")).lower() in ("error", "critical")] == []
     # Bounded: the whole stream, pills included, well within the deadline above.
     assert elapsed < 60, elapsed
+    # The DEBUG log names reasons and fields, never the identifiers in the pills.
+    needles = {
+        s: f
+        for f in ("msisdn", "imsi", "imei", "email")
+        for s in spellings(str(_valid(0, month)[f]))
+    }
+    assert find_needles([("processor log", "\n".join(proc.raw).encode())], needles) == []
 
     out = read_outputs(kafka_bootstrap, prefix, len(values))
     # Copies are byte for byte; one too large to produce (over message.max.bytes) is
