@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,8 +28,9 @@ import orjson
 from confluent_kafka.admin import AdminClient
 from tqdm import tqdm
 
-from service.audit import Auditor
-from service.commands.audit import add_audit_flag, open_configured_auditor
+from service.audit import Auditor, parse_target, read_file_events, read_partition
+from service.checkpoints import due_checkpoints
+from service.commands.audit import add_audit_flag, configured_target, open_configured_auditor
 from service.commands.common import (
     add_keystore_flag,
     add_now_flag,
@@ -109,6 +111,9 @@ class Built:
     auditor: Auditor
     settings: Settings
     lease: Callable[[], Lease] | None = None
+    # The audit events that hold the integrity roots, when the auditor writes to that same
+    # log (month checkpoints are written there, see service/checkpoints.py).
+    events: Callable[[], list[bytes]] | None = None
 
     def close(self) -> None:
         """Close the audit log."""
@@ -157,7 +162,9 @@ def _build_file(
         create_stores=False,
         tz=zone(settings.timezone) if settings.timezone else None,
     )
-    return Built(controller, auditor, settings)
+    kind, where, _ = parse_target(target)
+    events = (lambda: read_file_events(Path(where))[0]) if kind == "file" else None
+    return Built(controller, auditor, settings, events=events)
 
 
 def broker_parts(
@@ -234,7 +241,17 @@ def _build_broker(
             replication_factor=settings.topics.replication_factor,
         )
 
-    return Built(controller, auditor, settings, lease)
+    # Checkpoints go to the log that holds the processors' roots: only when the audit target
+    # is that topic (otherwise `cdranon verify` still checks every batch root).
+    roots_topic = settings.integrity.audit_topic or f"{settings.kafka.topic_prefix}.audit"
+    kind, where, _ = parse_target(configured_target(settings, args.audit))
+    events = None
+    if kind == "kafka" and where == roots_topic:
+
+        def events() -> list[bytes]:
+            return [v or b"" for _, v in read_partition(conf, roots_topic, 0, None)]
+
+    return Built(controller, auditor, settings, lease, events)
 
 
 @contextlib.contextmanager
@@ -286,6 +303,8 @@ def run_once(args: argparse.Namespace) -> int:
         total = len(controller.plan(now).actions) if show else 0
         with _progress(show, total) as bar:
             report = controller.run_pass(now, dry_run=args.dry_run, progress=bar)
+        if not args.dry_run:
+            write_checkpoints(built, now)
     finally:
         built.close()
     print_report(report, args.json)
@@ -317,7 +336,7 @@ def run_watch(args: argparse.Namespace) -> int:
             leader = lease.poll(1.0) if lease is not None else True
             if not leader:
                 continue
-            passes += _one_pass(built.controller, lease)
+            passes += _one_pass(built, lease)
             if args.max_passes is not None and passes >= args.max_passes:
                 break
             # Wait for the interval, serving the group protocol meanwhile.
@@ -340,12 +359,31 @@ def run_watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_pass(controller: Controller, lease: Lease | None) -> int:
+def write_checkpoints(built: Built, now: datetime) -> list[str]:
+    """Append an ``integrity.checkpoint`` for every month closed since the last pass."""
+    if built.events is None:
+        return []
+    done = []
+    tz = built.controller.tz
+    for month, details in due_checkpoints(built.events(), now, tz=tz).items():
+        built.auditor.record(
+            "integrity.checkpoint", actor="retention", reason="month closed", **details
+        )
+        log_event(_LOG, "integrity_checkpoint", month=month, roots=details["roots"])
+        done.append(month)
+    return done
+
+
+def _one_pass(built: Built, lease: Lease | None) -> int:
+    controller = built.controller
+
     def still_leader() -> bool:
         return lease.poll(0) if lease is not None else True
 
     try:
-        report = controller.run_pass(now_utc(), should_continue=still_leader)
+        now = now_utc()
+        report = controller.run_pass(now, should_continue=still_leader)
+        write_checkpoints(built, now)
     except Exception as exc:  # noqa: BLE001 - the loop survives a failed pass; next one retries
         log_exception(_LOG, "retention_pass_failed", exc)
         return 1

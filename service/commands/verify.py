@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from service.audit import read_file_events, read_partition, verify
+from service.checkpoints import check_checkpoints, month_of_stream
 from service.commands.audit import _kafka_conf, trusted_keys
 from service.commands.common import add_policy_flag, policy_from
 from service.commands.run import add_config_flag
@@ -27,6 +28,7 @@ from service.errors import ConfigError
 from service.integrity import added_fields, canonical
 from service.kafka.audit_txn import LEAF_HEADER, parse_leaf
 from service.verify import (
+    Finding,
     Report,
     RootEvent,
     TaggedRecord,
@@ -159,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         s: verify_stream(s, recs, roots.get(s, []), added, jobs=args.jobs)
         for s, recs in streams.items()
     }
+    _add_checkpoint_findings(reports, events)
     _print(reports, args.json)
     return 0 if all(r.ok for r in reports.values()) else 1
 
@@ -185,8 +188,19 @@ def _run_topic(args: argparse.Namespace, settings: Any, added: frozenset[str]) -
         proof = proof_for_batch(args.record, args.topic, tagged, roots, added)
         return _emit_proof(proof, args.record, events)
     reports = {args.topic: verify_batches(args.topic, tagged, roots, added)}
+    _add_checkpoint_findings(reports, events)
     _print(reports, args.json)
     return 0 if all(r.ok for r in reports.values()) else 1
+
+
+def _add_checkpoint_findings(reports: dict[str, Report], events: list[bytes]) -> None:
+    """A month checkpoint that does not match the roots logged before it is a finding."""
+    problems = check_checkpoints(events)
+    for stream, rep in reports.items():
+        month = month_of_stream(stream)
+        why = problems.get(month) if month is not None else None
+        if why is not None:
+            rep.findings.append(Finding("checkpoint", stream, None, None, why))
 
 
 def _chain_ok(settings: Any, args: argparse.Namespace, target: str, events: list[bytes]) -> bool:
