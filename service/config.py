@@ -241,8 +241,12 @@ class RetentionSettings(_Section):
     # Consumer group whose single-partition lease topic elects the one active controller.
     group_id: str = Field(default="cdranon-retention", pattern=r"^[A-Za-z0-9._-]{1,200}$")
     # Where the hold registry lives in broker mode: the compacted <prefix>.holds topic, or
-    # JSON files beside the keys (<keystore dir>/holds/). Hold keys are always in the latter.
+    # JSON files in hold_dir (below). Hold secrets are always in hold_dir.
     hold_store: Literal["kafka", "file"] = "kafka"
+    # Where hold secrets (wrapped by the master key) and the file hold registry live. None:
+    # <keystore dir>/holds/ of a file:// keystore; required with a pkcs11:// or kafka://
+    # keystore, which has no directory of its own to put them beside.
+    hold_dir: Path | None = None
     # Keys (and topics) of this month and this many next months exist ahead of time.
     lead_months: int = Field(default=1, ge=0, le=24)
     # Releasing a hold destroys its key and store at once; with this, not before the latest

@@ -1,10 +1,11 @@
 """``cdranon hold place|release|list|unseal``: legal holds (docs/retention.md).
 
-File mode (default, or with ``--out DIR``): the registry is ``<keystore dir>/holds/``,
+File mode (default, or with ``--out DIR``): the registry is ``retention.hold_dir``
+(default ``<keystore dir>/holds/`` of a file keystore),
 held copies are ``DIR/hold/<ID>.jsonl``. Broker mode (``--config FILE`` or
 ``$CDRANON_CONFIG``): the registry is the compacted ``cdr.holds`` topic (or the files,
 ``retention.hold_store = "file"``), held copies are ``cdr.hold.<ID>``. Hold keys always
-live beside the month keys, wrapped by the master key.
+live in ``retention.hold_dir``, wrapped by the master key.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ import orjson
 from service.audit import Auditor, check_free_text
 from service.commands.audit import add_audit_flag, open_configured_auditor
 from service.commands.common import add_keystore_flag, add_now_flag, keystore_url, now_from
-from service.commands.retention import broker_parts, registry_for
+from service.commands.retention import (
+    broker_parts,
+    hold_directory,
+    hold_master_key,
+    registry_for,
+)
 from service.config import CONFIG_ENV, Settings, load_settings
 from service.errors import ConfigError, KeystoreError, SealError
 from service.holds import (
@@ -38,10 +44,9 @@ from service.holds import (
     new_hold,
     release,
 )
-from service.keystore import keystore_directory, load_master_key
 from service.months import identifiers_until, rfc3339, zone
 from service.policy import load_policy
-from service.retention import FileMonthStore, MonthStore, holds_dir
+from service.retention import FileMonthStore, MonthStore
 from service.sealing import Unsealer, blob_key_id
 
 
@@ -118,7 +123,7 @@ class HoldContext:
     secrets: HoldSecrets
     store: MonthStore | None
     auditor: Auditor
-    keystore_dir: Path
+    hold_dir: Path
 
     def close(self) -> None:
         """Close the audit log."""
@@ -137,9 +142,9 @@ def open_context(args: argparse.Namespace, *, need_master: bool = True) -> HoldC
     """Everything a hold command needs, by mode."""
     settings = load_settings(args.config)
     url = keystore_url(args) if args.keystore else settings.keystore.url
-    kdir = keystore_directory(url)
-    master = load_master_key(env=os.environ, dev_dir=kdir) if need_master else None
-    secrets = HoldSecrets(holds_dir(kdir), master)
+    hdir = hold_directory(settings, url)
+    master = hold_master_key(url) if need_master else None
+    secrets = HoldSecrets(hdir, master)
     store: MonthStore | None
     if _broker_mode(args):
         policy = load_policy(settings.policy)
@@ -150,13 +155,13 @@ def open_context(args: argparse.Namespace, *, need_master: bool = True) -> HoldC
         registry = registry_for(settings, conf, admin, url)
         store = kstore
     else:
-        registry = FileHoldRegistry(holds_dir(kdir))
+        registry = FileHoldRegistry(hdir)
         store = FileMonthStore(args.out) if args.out is not None else None
     target = args.audit
     if target is None and args.out is not None and not settings.audit.target:
         target = f"file://{args.out.absolute()}/audit.jsonl"  # as `process` and `retention`
     auditor = open_configured_auditor(settings, target=target)
-    return HoldContext(settings, registry, secrets, store, auditor, kdir)
+    return HoldContext(settings, registry, secrets, store, auditor, hdir)
 
 
 def run_place(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 Two modes, one pass:
 - file mode, ``--out DIR``: the batch mode's output directory (``cdranon process``); keys
-  from ``--keystore``, holds in ``<keystore dir>/holds/``. No leader is needed.
+  from ``--keystore``, holds in ``retention.hold_dir`` (default ``<keystore dir>/holds/``
+  of a file keystore). No leader is needed.
 - broker mode (``--config FILE`` or ``$CDRANON_CONFIG``): month topics on the brokers,
   holds in the compacted ``cdr.holds`` topic; ``watch`` runs as one active instance among
   several, elected by the consumer-group protocol.
@@ -46,7 +47,7 @@ from service.holds import FileHoldRegistry, HoldRegistry, HoldSecrets
 from service.kafka.clients import admin_config
 from service.kafka.retention_store import KafkaHoldRegistry, KafkaMonthStore, Lease
 from service.kafka.topics import HOUR_MS, TopicManager, TopicNames
-from service.keystore import keystore_directory, load_master_key, open_keystore
+from service.keystore import MasterKey, keystore_directory, load_master_key, open_keystore
 from service.logs import log_event, log_exception, setup_logging
 from service.metrics import RetentionMetrics, serve
 from service.months import now_utc, rfc3339, zone
@@ -116,8 +117,12 @@ class Built:
     events: Callable[[], list[bytes]] | None = None
 
     def close(self) -> None:
-        """Close the audit log."""
+        """Close the audit log and the keystore (an HSM session, a cdr.keys consumer)."""
         self.auditor.close()
+        # Not every keystore holds anything open (the file one does not): no close() there.
+        close = getattr(self.controller.keystore, "close", None)
+        if callable(close):
+            close()
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -134,10 +139,42 @@ def build(args: argparse.Namespace, metrics: RetentionMetrics | None = None) -> 
     return _build_broker(args, settings, metrics)
 
 
-def _hold_secrets(url: str) -> HoldSecrets:
-    directory = keystore_directory(url)
-    master = load_master_key(env=os.environ, dev_dir=directory)
-    return HoldSecrets(holds_dir(directory), master)
+def _scheme(url: str) -> str:
+    return url.partition(":")[0].lower()
+
+
+def hold_directory(settings: Settings, keystore_url_: str) -> Path:
+    """Where hold secrets and the file hold registry live: ``retention.hold_dir``.
+
+    Default: ``<keystore dir>/holds/`` beside a ``file://`` keystore. A ``pkcs11://`` or
+    ``kafka://`` keystore has no directory to put them beside, so there the setting is
+    required (ConfigError without it).
+    """
+    if settings.retention.hold_dir is not None:
+        return settings.retention.hold_dir.expanduser()
+    scheme = _scheme(keystore_url_)
+    if scheme == "file":
+        return holds_dir(keystore_directory(keystore_url_))
+    raise ConfigError(
+        f"retention.hold_dir is required with a {scheme}:// keystore: the directory of the "
+        "legal-hold secrets (wrapped by the master key) and of the file hold registry; set "
+        "[retention] hold_dir or CDRANON_RETENTION__HOLD_DIR (docs/retention.md)"
+    )
+
+
+def hold_master_key(keystore_url_: str) -> MasterKey:
+    """The master key that wraps hold secrets (MasterKeyError if none is configured).
+
+    Beside a ``file://`` keystore its dev mode applies as for month secrets (the same
+    generated key). With any other keystore a configured key is required: replicas and
+    the controller on other machines must unwrap the same hold secrets.
+    """
+    dev_dir = keystore_directory(keystore_url_) if _scheme(keystore_url_) == "file" else None
+    return load_master_key(env=os.environ, dev_dir=dev_dir)
+
+
+def _hold_secrets(settings: Settings, url: str) -> HoldSecrets:
+    return HoldSecrets(hold_directory(settings, url), hold_master_key(url))
 
 
 def _build_file(
@@ -145,8 +182,8 @@ def _build_file(
 ) -> Built:
     policy = policy_from(args) if args.policy is not None else load_policy(settings.policy)
     url = keystore_url(args) if args.keystore else settings.keystore.url
+    secrets = _hold_secrets(settings, url)
     keystore = open_keystore(url)
-    secrets = _hold_secrets(url)
     # Like `process`: the batch mode's audit log is DIR/audit.jsonl unless configured.
     target = args.audit or settings.audit.target or f"file://{args.out.absolute()}/audit.jsonl"
     auditor = open_configured_auditor(settings, target=target)
@@ -154,7 +191,7 @@ def _build_file(
         policy=policy,
         keystore=keystore,
         store=FileMonthStore(args.out),
-        registry=FileHoldRegistry(holds_dir(keystore_directory(url))),
+        registry=FileHoldRegistry(hold_directory(settings, url)),
         hold_secrets=secrets,
         auditor=auditor,
         metrics=metrics,
@@ -198,7 +235,7 @@ def registry_for(
 ) -> HoldRegistry:
     """The hold registry of broker mode (``retention.hold_store``)."""
     if settings.retention.hold_store == "file":
-        return FileHoldRegistry(holds_dir(keystore_directory(keystore_url_)))
+        return FileHoldRegistry(hold_directory(settings, keystore_url_))
     return KafkaHoldRegistry(
         conf,
         admin,
@@ -213,6 +250,7 @@ def _build_broker(
     policy = policy_from(args) if args.policy is not None else load_policy(settings.policy)
     tz = zone(settings.timezone) if settings.timezone else policy.tz
     url = keystore_url(args) if args.keystore else settings.keystore.url
+    secrets = _hold_secrets(settings, url)  # before opening the HSM: config errors first
     keystore = open_keystore(url)
     conf, admin, store = broker_parts(
         settings, (policy.max_identifier_months, policy.max_billing_years, tz)
@@ -224,7 +262,7 @@ def _build_broker(
         keystore=keystore,
         store=store,
         registry=registry,
-        hold_secrets=_hold_secrets(url),
+        hold_secrets=secrets,
         auditor=auditor,
         metrics=metrics,
         lead_months=settings.retention.lead_months,
@@ -399,4 +437,12 @@ def _one_pass(built: Built, lease: Lease | None) -> int:
     return 1  # one pass done (the caller counts passes)
 
 
-__all__ = ["broker_parts", "build", "print_report", "register", "registry_for"]
+__all__ = [
+    "broker_parts",
+    "build",
+    "hold_directory",
+    "hold_master_key",
+    "print_report",
+    "register",
+    "registry_for",
+]

@@ -1,7 +1,9 @@
 """The retention controller against the real broker: month topics, a hold topic, leadership.
 
 Small on purpose (3 months, 3000 records): months are chosen around the real clock so the
-broker's own retention.ms (defence in depth) does not race the controller's --now.
+broker's own retention.ms (defence in depth) does not race the controller's --now. The pass
+runs with each keystore backend: ``file`` (hold secrets beside the keys, the default) and
+``pkcs11`` on SoftHSM2 with a cdr.keys topic (hold secrets in ``retention.hold_dir``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ from service.holds import HoldSecrets
 from service.kafka.retention_store import Lease
 from service.kafka.topics import HOUR_MS, TopicManager, TopicNames
 from service.keyring import Keyring
-from service.keystore import FileKeystore, KeyState, MasterKey
+from service.keystore import KeyState, Keystore, MasterKey, open_keystore
+from service.keystore.pkcs11 import Pkcs11Wrapper, parse_pkcs11_url
 from service.months import add_months, month_of, now_utc, parse_month, to_ms
 from service.policy import load_policy
-from service.retention import holds_dir
 from service.transform import Transformer
+from tests.integration.hsm_fixtures import (  # noqa: F401  # fixtures
+    KeystoreUnderTest,
+    keystore_backend,
+    softhsm_token,
+)
 from tests.integration.kafka_helpers import consume_until, unique_name
 
 MASTER_B64 = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="
@@ -39,15 +46,37 @@ def _month(base: str, n: int) -> str:
     return f"{y:04d}-{m:02d}"
 
 
+def _close(keystore: Keystore) -> None:
+    # A pkcs11 keystore holds an HSM session and a cdr.keys consumer; the file one nothing.
+    close = getattr(keystore, "close", None)
+    if callable(close):
+        close()
+
+
 @pytest.fixture
-def setup(kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def setup(
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    keystore_backend: KeystoreUnderTest,  # noqa: F811  # the imported fixture
+) -> dict[str, str]:
     prefix = unique_name("rt").replace("-", "")
-    for name in ("CDRANON_CONFIG", "CDRANON_POLICY", "CDRANON_MASTER_KEY_FILE"):
+    for name in (
+        "CDRANON_CONFIG",
+        "CDRANON_POLICY",
+        "CDRANON_MASTER_KEY_FILE",
+        "CDRANON_RETENTION__HOLD_DIR",
+    ):
         monkeypatch.delenv(name, raising=False)
+    # File: hold secrets beside the keys (the default). Any other keystore has no directory
+    # of its own, so retention.hold_dir is set, as an operator must.
+    holds = tmp_path / "keys" / "holds" if keystore_backend.backend == "file" else tmp_path / "h"
     env = {
+        **keystore_backend.env,
         "CDRANON_HOME": str(tmp_path / "home"),
+        # Wraps hold secrets with either backend (and month secrets with the file one).
         "CDRANON_MASTER_KEY": MASTER_B64,
-        "CDRANON_KEYSTORE": f"file://{tmp_path / 'keys'}",
+        "CDRANON_KEYSTORE": keystore_backend.url,
         "CDRANON_AUDIT_SIGNING_KEY": generate_signing_key(),
         "CDRANON_AUDIT__TARGET": f"file://{tmp_path / 'audit.jsonl'}",
         "CDRANON_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
@@ -56,6 +85,8 @@ def setup(kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         "CDRANON_TOPICS__REPLICATION_FACTOR": "1",
         "CDRANON_METRICS__ENABLED": "false",
     }
+    if keystore_backend.backend != "file":
+        env["CDRANON_RETENTION__HOLD_DIR"] = str(holds)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     config = tmp_path / "cdranon.toml"
@@ -64,12 +95,14 @@ def setup(kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         "prefix": prefix,
         "config": str(config),
         "tmp": str(tmp_path),
-        "keys": str(tmp_path / "keys"),
+        "url": keystore_backend.url,
+        "backend": keystore_backend.backend,
+        "holds": str(holds),
     }
 
 
 def _fill(
-    bootstrap: str, prefix: str, keys_dir: str, months: list[str]
+    bootstrap: str, prefix: str, keystore_url: str, months: list[str]
 ) -> dict[str, list[dict[str, object]]]:
     """Transform 3000 generated CDRs and write the month topics, as the processor does."""
     policy = load_policy()
@@ -85,11 +118,15 @@ def _fill(
         future_tolerance_ms=86_400_000,
     )
     topics.ensure_months(months, months)
-    transformer = Transformer(policy, Keyring(FileKeystore(Path(keys_dir), MASTER)))
-    values = list(
-        generate_cdrs(3000, months=months, seed=4, accounts=5, subscribers=50, now=now_utc())
-    )
-    result = transformer.transform(values, to_ms(now_utc()))
+    keystore = open_keystore(keystore_url)
+    try:
+        transformer = Transformer(policy, Keyring(keystore))
+        values = list(
+            generate_cdrs(3000, months=months, seed=4, accounts=5, subscribers=50, now=now_utc())
+        )
+        result = transformer.transform(values, to_ms(now_utc()))
+    finally:
+        _close(keystore)
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     sealed: dict[str, list[dict[str, object]]] = {}
     for rec in result.sealed:
@@ -134,7 +171,7 @@ def test_retention_over_topics_with_a_hold(
     prefix, config = setup["prefix"], setup["config"]
     current = month_of(now_utc())
     months = [_month(current, -2), _month(current, -1), current]
-    sealed = _fill(kafka_bootstrap, prefix, setup["keys"], months)
+    sealed = _fill(kafka_bootstrap, prefix, setup["url"], months)
     first = months[0]
     account = str(sealed[first][0]["account_id"])
     held_ids = {str(r["cdr_id"]) for r in sealed[first] if r["account_id"] == account}
@@ -162,10 +199,22 @@ def test_retention_over_topics_with_a_hold(
         assert f"{prefix}.sanitised.{m}" in left
     ahead = _month(first, 13)
     assert {f"{prefix}.sealed.{ahead}", f"{prefix}.sanitised.{ahead}"} <= left
-    store = FileKeystore(Path(setup["keys"]), MASTER)
-    states = {i.key_id: i.state for i in store.list()}
+    store = open_keystore(setup["url"], need_secrets=False)
+    try:
+        states = {i.key_id: i.state for i in store.list()}
+    finally:
+        _close(store)
     assert states[f"{first}/default"] is KeyState.DESTROYED
     assert states[f"{months[1]}/default"] is KeyState.ACTIVE
+    if setup["backend"] == "pkcs11":
+        # Destroyed in the token itself, seen from a session of its own.
+        token = Pkcs11Wrapper(parse_pkcs11_url(setup["url"]))
+        try:
+            labels = token.kek_labels()
+        finally:
+            token.close()
+        assert f"{first}/default" not in labels
+        assert f"{months[1]}/default" in labels
 
     held = consume_until(kafka_bootstrap, [f"{prefix}.hold.h1"], count=len(held_ids), to_end=True)
     assert {str(orjson.loads(r.value or b"{}")["cdr_id"]) for r in held} == held_ids
@@ -183,7 +232,7 @@ def test_retention_over_topics_with_a_hold(
 
     _run(capsys, ["hold", "release", "--id", "h1", "--by", "bob", *cfg])
     _wait_gone(kafka_bootstrap, {f"{prefix}.hold.h1"})
-    assert HoldSecrets(holds_dir(Path(setup["keys"])), MASTER).state("h1") == "destroyed"
+    assert HoldSecrets(Path(setup["holds"]), MASTER).state("h1") == "destroyed"
     got = cli.main(
         ["hold", "unseal", "--id", "h1", "--input", str(dump), "--reason", "case 1", *cfg]
     )
