@@ -11,6 +11,15 @@ own process (so the bench's producer and reader do not share its GIL):
 - ``passthrough-plain``: consume -> produce, offsets committed by the consumer after a
   flush (at-least-once): the ceiling of Python + librdkafka on this machine.
 
+Variants of ``cdranon`` (``--only``): ``cdranon-nointegrity`` (no digests, no signed
+roots) and ``cdranon-pkcs11``: the keystore is ``pkcs11://`` on a SoftHSM2 token made by
+scripts/softhsm.sh, wrapped secrets in a ``cdr.keys`` topic of the scenario's own
+(``cdranon-pkcs11-dir``: in a directory instead, to tell the HSM's cost from the topic
+follower's). A name
+may be given more than once, to interleave runs on a noisy machine, e.g.
+``--only cdranon,cdranon-pkcs11,cdranon,cdranon-pkcs11``: such a name's figure is the
+median over its runs, each run kept under ``runs``.
+
 Throughput: the processor is running and warmed up (month topics exist, partitions
 assigned); the bench produces ``--records`` CDRs as fast as it can and measures from the
 first produce to the moment the group's committed offsets cover them all (polled every
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -53,6 +63,26 @@ from service.transform import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 10_000
+SOFTHSM_SH = REPO / "scripts" / "softhsm.sh"
+PIN_ENV = "CDRANON_HSM_PIN"
+
+
+def _softhsm_token() -> tuple[str, dict[str, str]]:
+    """A fresh SoftHSM2 token: its module path and the environment (config, PIN) to use it."""
+    directory = Path(tempfile.mkdtemp(prefix="e2e-softhsm-"))
+    pin = secrets.token_hex(8)
+    env = {**os.environ, PIN_ENV: pin, "CDRANON_HSM_SO_PIN": secrets.token_hex(8)}
+    subprocess.run(
+        [str(SOFTHSM_SH), "init", str(directory), "cdranon-bench"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    module = subprocess.run(
+        [str(SOFTHSM_SH), "module"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+    return module, {"SOFTHSM2_CONF": str(directory / "softhsm2.conf"), PIN_ENV: pin}
 
 
 def _months() -> list[str]:
@@ -217,6 +247,20 @@ def _reader(bootstrap: str, pattern: str, seen: dict[str, float], stop: threadin
     c.close()
 
 
+def _pkcs11_env(
+    name: str, topic_store: str, hsm: tuple[str, dict[str, str]] | None
+) -> dict[str, str]:
+    """The keystore of a pkcs11 scenario: the token, wrapped secrets in the topic or a dir."""
+    if hsm is None:
+        raise ValueError(f"{name} needs a SoftHSM2 token")
+    module, hsm_env = hsm
+    store = topic_store
+    if name.endswith("-dir"):
+        store = f"file://{tempfile.mkdtemp(prefix='e2e-wrapped-')}"
+    url = f"pkcs11://{module}?token=cdranon-bench&pin-env={PIN_ENV}&store={store}"
+    return {**hsm_env, "CDRANON_KEYSTORE": url}
+
+
 def _scenario(
     name: str,
     bootstrap: str,
@@ -224,6 +268,7 @@ def _scenario(
     data: list[list[bytes]],
     warm: list[bytes],
     latency_data: list[bytes],
+    hsm: tuple[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     tag = f"{name}-{uuid.uuid4().hex[:6]}"
     src, group = f"{tag}.raw", f"{tag}-g"
@@ -246,6 +291,8 @@ def _scenario(
             # so the cost of "original form" is measured in the same run.
             "CDRANON_INTEGRITY__ENABLED": "false" if name.endswith("nointegrity") else "true",
         }
+        if "pkcs11" in name:
+            env.update(_pkcs11_env(name, f"kafka://{bootstrap}/cdr.keys.{tag}", hsm))
         proc = Proc(["service.cli", "run"], env)
         pattern = rf"^{tag}\.(sanitised)\.[0-9]{{4}}-[0-9]{{2}}$"
     else:
@@ -326,6 +373,58 @@ def _core(values: list[bytes], n_rounds: int) -> dict[str, Any]:
     }
 
 
+def _by_name(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One entry per scenario name: its run, or the medians over its runs and the runs."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(n for n, _ in runs):
+        mine = [r for n, r in runs if n == name]
+        if len(mine) == 1:
+            out[name] = mine[0]
+            continue
+        out[name] = {
+            k: round(median([float(r[k]) for r in mine]), 1)
+            for k in ("records_per_s", "latency_p50_ms", "latency_p99_ms")
+        }
+        out[name]["runs"] = mine
+    return out
+
+
+def _pkcs11_ratios(
+    runs: list[tuple[str, dict[str, Any]]], results: dict[str, Any]
+) -> dict[str, Any]:
+    """pkcs11 over file throughput: of the medians, and of each run over the file run before it."""
+    out: dict[str, Any] = {"target_ratio_pkcs11_to_file": 0.95}
+    for variant in ("cdranon-pkcs11", "cdranon-pkcs11-dir"):
+        if variant not in results:
+            continue
+        pairs = []
+        last_file: float | None = None
+        for name, r in runs:
+            if name == "cdranon":
+                last_file = float(r["records_per_s"])
+            elif name == variant and last_file is not None:
+                pairs.append(round(float(r["records_per_s"]) / last_file, 3))
+        short = variant.removeprefix("cdranon-").replace("-", "_")
+        out[f"ratio_{short}_to_file"] = round(
+            results[variant]["records_per_s"] / results["cdranon"]["records_per_s"], 3
+        )
+        out[f"ratio_{short}_to_file_pairs"] = pairs
+    return out
+
+
+def _add_ratios(results: dict[str, Any]) -> None:
+    """cdranon's throughput over the core transform's and over each passthrough's."""
+    if "cdranon" not in results:
+        return
+    core = results["core_transform_one_core"]["records_per_s"]
+    e2e = results["cdranon"]["records_per_s"]
+    results["ratio_e2e_to_core"] = round(e2e / core, 3)
+    results["target_ratio_e2e_to_core"] = 0.8
+    for ceiling in ("passthrough-txn", "passthrough-plain"):
+        if ceiling in results:
+            results[f"ratio_e2e_to_{ceiling}"] = round(e2e / results[ceiling]["records_per_s"], 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=100_000)
@@ -362,26 +461,24 @@ def main(argv: list[str] | None = None) -> int:
         broker = LocalKafka(Path(tempfile.mkdtemp(prefix="e2e-kafka-")), watch_pid=os.getpid())
         bootstrap = broker.start()
     results: dict[str, Any] = {"machine": machine(), "records": args.records, "rounds": args.rounds}
+    names = args.only.split(",")
+    hsm = _softhsm_token() if any("pkcs11" in n for n in names) else None
+    runs: list[tuple[str, dict[str, Any]]] = []
     try:
-        for name in args.only.split(","):
+        for name in names:
             print(f"{name} ...", flush=True)
             # Each scenario gets its own fresh copy of the bytes (the same bytes).
-            results[name] = _scenario(name, bootstrap, args, data, warm, latency_data)
-            print(f"  {results[name]}", flush=True)
+            run = _scenario(name, bootstrap, args, data, warm, latency_data, hsm)
+            runs.append((name, run))
+            print(f"  {run}", flush=True)
     finally:
         if broker is not None:
             broker.stop()
+    results.update(_by_name(runs))
+    if "cdranon" in results and "cdranon-pkcs11" in results:
+        results.update(_pkcs11_ratios(runs, results))
     results["core_transform_one_core"] = _core(data[0], args.rounds)
-    core = results["core_transform_one_core"]["records_per_s"]
-    if "cdranon" in results:
-        e2e = results["cdranon"]["records_per_s"]
-        results["ratio_e2e_to_core"] = round(e2e / core, 3)
-        results["target_ratio_e2e_to_core"] = 0.8
-        for ceiling in ("passthrough-txn", "passthrough-plain"):
-            if ceiling in results:
-                results[f"ratio_e2e_to_{ceiling}"] = round(
-                    e2e / results[ceiling]["records_per_s"], 3
-                )
+    _add_ratios(results)
     path = write_results(args.output, results)
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
     print(f"written to {path}")
