@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from service.audit import _check_details as check_details  # the guard record() applies
 from service.checkpoints import (
     check_checkpoints,
     checkpoint_details,
@@ -87,3 +88,10 @@ def test_retention_pass_writes_checkpoints_that_verify(
     assert main(["verify", "--file", str(out / "sanitised/2026-10.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sanitised/2026-10.jsonl"]["ok"]
     assert main(["audit", "verify", "--file", str(out / "audit.jsonl")]) == 0
+
+
+def test_batch_ids_never_look_like_identifiers_to_the_audit_guard() -> None:
+    # The worst case: random hex that happens to be all digits, and a large counter.
+    root = "0123456789" * 6 + "abcd"
+    for batch in ("b" + "1" * 12 + "n" + "9" * 9, "b" + "0123456789ab" + "n0"):
+        check_details({"batch": batch, "stream": "cdr.sanitised.2026-10", "root": root})
