@@ -182,7 +182,12 @@ def test_two_replicas_racing_on_a_new_month_seal_with_one_key_then_destruction_i
     # Destroy it (as `cdranon keys destroy` does), then a fresh process with the token and
     # cdr.keys cannot unseal any record of that month.
     admin_store = open_keystore(url, need_secrets=False)
-    assert admin_store.destroy(kid) is True
+    try:
+        assert admin_store.destroy(kid) is True
+    finally:
+        close = getattr(admin_store, "close", None)
+        if close is not None:
+            close()  # its follower consumer must not outlive the broker
     for s in sealed:
         got = _result(_run(UNSEAL, url, kid, s["sealed"], s["cdr_id"], env={}))
         assert got == "KeyDestroyedError"
