@@ -345,6 +345,7 @@ def test_pseudonym_caches_share_one_bound_across_months(
     tf: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(transform_module, "PSEUDONYM_CACHE_ENTRIES", 50)
+    tf = Transformer(tf.policy, tf.keyring)
     batch = [
         raw(
             cdr(
