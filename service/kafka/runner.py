@@ -82,6 +82,8 @@ _PRECREATE_EVERY_S = 600.0
 # be a tenth of the budget): at most this many records per batch, spread evenly.
 _LATENCY_SAMPLES = 32
 _POLL_EVERY = 1024
+# Client errors that retrying cannot cure: the processor stops (fails closed) with them.
+_AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
 _DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes default
 _REJECTED_ROOM = 64 * 1024  # for the key, the headers and the record overhead
 
@@ -306,7 +308,9 @@ class Runner:
     def _on_error(self, err: KafkaError) -> None:
         # Called from poll()/consume() for client-level errors; most are transient (a broker
         # connection down) and librdkafka recovers by itself.
-        if err.fatal():
+        if (err.fatal() or err.code() in _AUTH_ERRORS) and self._fatal is None:
+            # Bad credentials or an untrusted certificate do not heal by retrying: stop
+            # with the reason (fail closed) instead of timing out forever.
             self._fatal = err
         log_event(
             _LOG,
@@ -728,6 +732,10 @@ class Runner:
                 self._m.paused.labels("broker").set(1)
                 if self._stop:
                     raise
+                # Serve the error callbacks: during a blocking call they are only queued, and
+                # they hold the real reason (e.g. authentication or TLS failed).
+                self._producer.poll(0)
+                self._check_fatal()
                 time.sleep(delay)  # back-off while the broker is away
                 delay = min(delay * 2, self._s.retry.backoff_max_s)
         self._m.paused.labels("broker").set(0)
@@ -782,6 +790,10 @@ def _fatal_error(err: KafkaError, where: str) -> KafkaFatalError:
             KafkaError.INVALID_PRODUCER_EPOCH,
             KafkaError.FENCED_INSTANCE_ID,
         )
+        else "authentication or TLS failed (wrong SASL credentials, an untrusted certificate "
+        "or one for another host): nothing was read or written; fix [kafka.librdkafka] "
+        "security settings"
+        if err.code() in _AUTH_ERRORS
         else "nothing of the open batch was committed; check the broker and the [kafka] settings"
     )
     return KafkaFatalError(f"fatal Kafka error in {where}: {err.name()}: {err.str()}; {hint}")
