@@ -1,0 +1,108 @@
+"""Scenario 3: rebalance churn. One processor, then three, then one again during a run;
+one of the three is SIGKILLed right after a committed batch (mid-way through the next),
+another leaves with SIGTERM. A live read_committed reader and a final reader see every
+input exactly once (so nothing fetched under an old generation was produced after its
+partitions moved: it would be there twice), per-partition order preserved.
+
+(tests/integration/test_run_group.py is the plain two-processor, one-stopped version.)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from service.generator import generate_cdrs
+from service.kafka.topics import TopicNames
+from service.keystore import generate_master_key
+from service.months import now_utc
+from tests.integration.kafka_helpers import create_topics
+from tests.integration.run_support import (
+    Processor,
+    check_invariants,
+    committed_total,
+    produce_input,
+    read_outputs,
+    recent_months,
+    wait_all_committed,
+    write_config,
+)
+from tests.reliability.streams import LiveReader, exactly_once, order_violations, split_outputs
+from tests.reliability.support import Scale, wait_until
+
+
+@pytest.mark.slow
+def test_scale_one_three_one_with_a_kill_mid_batch(
+    kafka_bootstrap: str, admin: AdminClient, tmp_path: Path, unique_id: str, scale: Scale
+) -> None:
+    n = scale.pick(30_000, 150_000)
+    rounds = scale.pick(1, 4)
+    rng = random.Random(unique_id)
+    prefix = f"churn-{unique_id}"
+    group = f"g-{unique_id}"
+    names = TopicNames(prefix)
+    create_topics(admin, [names.raw], partitions=6)
+    values = list(
+        generate_cdrs(n, months=recent_months(2), seed=13, malformed_ratio=0.01, now=now_utc())
+    )
+    sent = produce_input(kafka_bootstrap, names.raw, values)
+    keys = tmp_path / "keys"
+    env = {"CDRANON_MASTER_KEY": generate_master_key(), "CDRANON_HOME": str(tmp_path / "home")}
+    # Random transactional ids: fencing by consumer-group generation (KIP-447).
+    cfg = write_config(
+        tmp_path / "run.toml",
+        bootstrap=kafka_bootstrap,
+        prefix=prefix,
+        group=group,
+        keystore=keys,
+        max_records=200,
+    )
+    live = LiveReader(kafka_bootstrap, prefix)
+    procs: list[Processor] = []
+    steps: list[str] = []
+    try:
+        first = Processor(cfg, env, name="p1")
+        procs.append(first)
+        first.wait_for("batch_committed", 2, timeout_s=90)
+        for r in range(rounds):
+            extra = [Processor(cfg, env, name=f"p{r}-{i}") for i in (2, 3)]
+            procs += extra
+            for p in extra:
+                p.wait_for("batch_committed", 1, timeout_s=90)  # it owns partitions
+            steps.append(f"3 members@{committed_total(kafka_bootstrap, group, names.raw)[0]}")
+            victim, leaver = extra
+            victim.wait_for("batch_committed", victim.count("batch_committed") + 1, timeout_s=60)
+            time.sleep(rng.uniform(0.0, 0.05))  # inside the next batch
+            victim.kill9()
+            assert leaver.terminate() == 0, leaver.raw[-5:]
+            done, high = committed_total(kafka_bootstrap, group, names.raw)
+            assert done < high, f"stream ended during round {r}; make it longer"
+            steps.append(f"1 member@{done}")
+
+            def first_owns_all() -> bool:
+                ev = first.events("partitions_assigned")
+                return bool(ev) and ev[-1]["assigned"] == 6
+
+            wait_until("the first processor owns all 6 partitions again", first_owns_all, 60)
+        wait_all_committed(kafka_bootstrap, group, names.raw, timeout_s=240)
+        assert first.terminate() == 0, first.raw[-5:]
+        out = read_outputs(kafka_bootstrap, prefix, n)
+        total = len(out.sealed) + len(out.sanitised) + len(out.rejected)
+        wait_until("live reader caught up", lambda: live.count() >= total, timeout_s=120)
+    finally:
+        for p in procs:
+            p.close()
+        seen_live = live.stop()
+    assert exactly_once(sent, out) == (0, 0), steps
+    assert exactly_once(sent, split_outputs(prefix, seen_live)) == (0, 0), steps
+    assert len(seen_live) == total
+    assert order_violations(sent, [*out.sanitised, *out.rejected]) == 0
+    verdict = check_invariants(sent, out, prefix, f"file://{keys}", env)
+    assert verdict.sanitised + verdict.rejected == n
+    revoked = sum(p.count("partitions_revoked") + p.count("partitions_lost") for p in procs)
+    assert revoked >= 2, "no rebalance moved partitions"
+    print(f"churn: {n} records, steps {steps}, revocations {revoked}, 0 lost, 0 duplicated")
