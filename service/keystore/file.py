@@ -39,7 +39,12 @@ from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 
-from service.errors import KeyDestroyedError, KeystoreError, MasterKeyError
+from service.errors import (
+    KeyDestroyedError,
+    KeystoreError,
+    KeystoreUnavailableError,
+    MasterKeyError,
+)
 from service.keystore.base import SECRET_BYTES, KeyInfo, KeyState, split_key_id
 from service.keystore.master import DEV_MASTER_KEY_NAME, MasterKey
 
@@ -251,9 +256,21 @@ class FileKeystore:
             raise KeystoreError(f"key file {path} holds a secret of the wrong length")
         return secret
 
+    def _require_directory(self) -> None:
+        # A directory that existed at start-up and is gone now is an unmounted or moved
+        # volume, not an empty keystore: "no key" would make callers create a new month
+        # secret in the wrong place (or fail every record). Unavailable: the runner pauses.
+        if not self.directory.is_dir():
+            raise KeystoreUnavailableError(
+                f"keystore directory {self.directory} is not reachable (unmounted or moved?); "
+                "processing pauses until it is back"
+            )
+
     def get(self, kid: str) -> bytes | None:
-        """The month secret, None if never created; KeyDestroyedError if destroyed."""
+        """The month secret, None if never created; KeyDestroyedError if destroyed;
+        KeystoreUnavailableError if the keystore directory is gone."""
         with self._lock:
+            self._require_directory()
             self._raise_if_destroyed(kid)
             path = self._key_path(kid)
             doc = self._read_json(path)
@@ -264,6 +281,7 @@ class FileKeystore:
     def create_if_absent(self, kid: str) -> bytes:
         """Create the month secret unless it exists (atomically); return the winner's."""
         with self._lock:
+            self._require_directory()
             master = self._require_master()
             self._raise_if_destroyed(kid)
             path = self._key_path(kid)
