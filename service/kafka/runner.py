@@ -39,9 +39,9 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
 
@@ -76,6 +76,8 @@ from service.transform import Transformer
 
 _LOG = logging.getLogger("cdranon.runner")
 _TXN_TIMEOUT_S = 30.0
+# A transaction call still blocked this long after it started is stuck (see _Background).
+_STUCK_S = _TXN_TIMEOUT_S + 15.0
 # Months ahead are re-checked this often, so next month's topics exist before it starts.
 _PRECREATE_EVERY_S = 600.0
 # End-to-end latency is sampled (a histogram observation costs ~1 us; 10k per batch would
@@ -170,8 +172,15 @@ class Runner:
         self._batch_seq = 0
         # The batch whose transaction is committing on the helper thread (see the docstring).
         self._pipeline = settings.batch.pipeline
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdranon-commit")
-        self._pending: tuple[list[Message], BatchResult, float, Future[None]] | None = None
+        self._pending: tuple[list[Message], BatchResult, float, _Background] | None = None
+        # Watchdog of the blocking transaction calls (send_offsets, commit): when one of them
+        # has not returned long after its own timeout (librdkafka can lose its group
+        # coordinator across a broker restart and then wait for ever, librdkafka issues
+        # 5456/5511), the producer is replaced: a new one with the same transactional.id
+        # fences the stuck one and aborts its transaction, and the batch is read again.
+        self._pconf = pconf
+        self._blocking_since: float | None = None
+        self._abandoned: list[Producer] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -254,7 +263,6 @@ class Runner:
                 self._finish_pending()
             except KafkaFatalError as exc:
                 log_event(_LOG, "commit_failed_at_close", level=logging.ERROR, error=str(exc))
-        self._committer.shutdown(wait=True)
         if self._in_txn:
             self._abort_quietly()
         try:
@@ -414,21 +422,43 @@ class Runner:
         except KafkaException as exc:
             self._failed(exc, batch)
             return
-        if self._pipeline:
-            fut = self._committer.submit(self._send_and_commit, tps, group)
-            self._pending = (batch, result, started, fut)
-            return
-        try:
-            self._send_and_commit(tps, group)
-        except KafkaException as exc:
-            self._failed(exc, batch)
-            return
-        self._account(batch, result, started)
+        # On a helper thread even without pipelining, so the watchdog can see a stuck call.
+        self._pending = (batch, result, started, _Background(self._send_and_commit, tps, group))
+        if not self._pipeline:
+            self._finish_pending()
 
     def _send_and_commit(self, tps: list[TopicPartition], group: object) -> None:
-        """The input offsets into the transaction, then commit (may run on the helper thread)."""
-        self._producer.send_offsets_to_transaction(tps, group, _TXN_TIMEOUT_S)
-        self._commit()
+        """The input offsets into the transaction, then commit (may run on the helper thread).
+
+        A retriable error (timed out: the broker is away) is retried with the same
+        arguments, as librdkafka requires: aborting instead leaves the timed-out request
+        in flight, and the next transaction's send_offsets then never completes.
+        """
+        delay = self._s.retry.backoff_initial_s
+        producer = self._producer
+        while True:
+            try:
+                self._blocking_since = time.monotonic()
+                producer.send_offsets_to_transaction(tps, group, _TXN_TIMEOUT_S)
+                self._blocking_since = None
+                break
+            except KafkaException as exc:
+                self._blocking_since = None
+                err = kafka_error(exc)
+                if not err.retriable() or err.fatal() or err.txn_requires_abort() or self._stop:
+                    raise
+                log_event(
+                    _LOG,
+                    "send_offsets_retry",
+                    level=logging.WARNING,
+                    code=err.name(),
+                    error=err.str(),
+                    retry_in_s=round(delay, 3),
+                )
+                self._m.retries.labels("broker").inc()
+                time.sleep(delay)  # the call's outcome is pending; retry it as is
+                delay = min(delay * 2, self._s.retry.backoff_max_s)
+        self._commit(producer)
 
     def _finish_pending(self) -> bool:
         """Wait for the batch committing on the helper thread; True if it committed (or
@@ -436,14 +466,42 @@ class Runner:
         pending, self._pending = self._pending, None
         if pending is None:
             return True
-        batch, result, started, fut = pending
-        try:
-            fut.result()
-        except KafkaException as exc:
-            self._failed(exc, batch)
-            return False
+        batch, result, started, job = pending
+        while not job.done.wait(1.0):
+            since = self._blocking_since
+            if since is not None and time.monotonic() - since > _STUCK_S:
+                self._replace_stuck_producer(batch)
+                return False
+        if job.error is not None:
+            if isinstance(job.error, KafkaException):
+                self._failed(job.error, batch)
+                return False
+            raise job.error
         self._account(batch, result, started)
         return True
+
+    def _replace_stuck_producer(self, batch: list[Message]) -> None:
+        """A transaction call is stuck past its timeout: fence it with a new producer."""
+        log_event(
+            _LOG,
+            "producer_stuck",
+            level=logging.ERROR,
+            stuck_for_s=round(time.monotonic() - (self._blocking_since or time.monotonic()), 1),
+            records=len(batch),
+        )
+        # Kept referenced: destroying a producer with a call in flight can block too.
+        self._abandoned.append(self._producer)
+        self._producer = Producer(self._pconf)
+        self._blocking_since = None
+        self._in_txn = False
+        if self._chain is not None:
+            self._chain.aborted()
+        # init_transactions with the same transactional.id bumps the epoch: the stuck
+        # producer is fenced and its open transaction aborted by the coordinator.
+        self._retry_kafka("init_transactions", self._init_transactions)
+        self._m.transactions.labels("aborted").inc()
+        self.stats.aborted += 1
+        self._rewind(batch)
 
     def _failed(self, exc: KafkaException, batch: list[Message]) -> None:
         """A transaction failed: fatal -> KafkaFatalError; otherwise abort and rewind."""
@@ -592,16 +650,22 @@ class Runner:
         finally:
             self._m.paused.labels("producer_queue").set(0)
 
-    def _commit(self) -> None:
+    def _commit(self, producer: Producer | None = None) -> None:
+        producer = producer or self._producer
         delay = self._s.retry.backoff_initial_s
         while True:
             try:
-                self._producer.commit_transaction(_TXN_TIMEOUT_S)
+                self._blocking_since = time.monotonic()
+                producer.commit_transaction(_TXN_TIMEOUT_S)
+                self._blocking_since = None
+                if producer is not self._producer:
+                    return  # replaced meanwhile (stuck): its outcome no longer counts
                 self._in_txn = False
                 if self._chain is not None:
                     self._chain.committed()
                 return
             except KafkaException as exc:
+                self._blocking_since = None
                 err = kafka_error(exc)
                 if not err.retriable() or err.fatal() or err.txn_requires_abort():
                     raise
@@ -777,6 +841,25 @@ class Runner:
             rejected=len(result.rejected),
             stripped=result.stripped,
         )
+
+
+class _Background:
+    """A call on a daemon thread (a stuck librdkafka call must not block the exit)."""
+
+    def __init__(self, fn: Callable[..., None], *args: object) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        threading.Thread(
+            target=self._run, args=(fn, *args), daemon=True, name="cdranon-commit"
+        ).start()
+
+    def _run(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001  # handed to the waiting thread
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 def _fatal_error(err: KafkaError, where: str) -> KafkaFatalError:

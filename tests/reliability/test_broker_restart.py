@@ -52,9 +52,11 @@ def _committed(bootstrap: str, group: str, topic: str) -> int:
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="known bug (issue 9 report): after a broker restart that times out "
-    "send_offsets_to_transaction, the next batch's send_offsets_to_transaction never "
-    "returns (seen with and without batch.pipeline); the processor stops making progress",
+    reason="known, not fixed (see docs/reliability.md): across a broker restart librdkafka "
+    "2.16 can lose the transaction coordinator and send_offsets_to_transaction then ignores "
+    "its timeout (librdkafka issues 5456/5511). The runner now retries timed-out calls and "
+    "replaces a producer stuck for 45 s (fencing it), but the static consumer can then be "
+    "fenced by its own rejoin (fatal), so the same process does not always recover",
 )
 def test_processor_survives_clean_and_hard_broker_restarts(
     broker: DedicatedBroker, tmp_path: Path, scale: Scale
@@ -101,11 +103,15 @@ def test_processor_survives_clean_and_hard_broker_restarts(
             )
             broker.start()
             # ... and, the same process, makes progress again by itself.
-            wait_until(
-                f"progress after the {how} restart",
-                lambda b=before: _committed(bootstrap, group, names.raw) > b + 300,
-                timeout_s=60,
-            )
+            try:
+                wait_until(
+                    f"progress after the {how} restart",
+                    lambda b=before: _committed(bootstrap, group, names.raw) > b + 300,
+                    timeout_s=60,
+                )
+            except AssertionError as exc:
+                tail = [d for d in proc.lines[mark:] if d.get("level") != "debug"][-25:]
+                raise AssertionError(f"{exc}; processor since the outage: {tail}") from None
             assert proc.proc.poll() is None, proc.raw[-5:]
             outages.append(f"{how}@{before}")
         wait_all_committed(bootstrap, group, names.raw, timeout_s=300)
@@ -118,4 +124,7 @@ def test_processor_survives_clean_and_hard_broker_restarts(
     assert order_violations(sent, [*out.sanitised, *out.rejected]) == 0
     verdict = check_invariants(sent, out, prefix, f"file://{keys}", env)
     assert verdict.sanitised + verdict.rejected == n
-    print(f"broker restarts: {outages}, aborted {proc.count('transaction_aborting')}")
+    print(
+        f"broker restarts: {outages}, aborted {proc.count('transaction_aborting')}, "
+        f"stuck producers replaced {proc.count('producer_stuck')}"
+    )
