@@ -4,11 +4,18 @@ reader, open-transaction probes, and the exactly-once / order invariants over ou
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 
 import orjson
-from confluent_kafka import Consumer, IsolationLevel, KafkaError, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 # confluent_kafka.admin re-exports OffsetSpec without declaring it.
@@ -101,6 +108,23 @@ def open_transactions(bootstrap: str, prefix: str) -> int:
         return 0
 
     def offsets(level: IsolationLevel) -> dict[tuple[str, int], int]:
+        # A young month topic may not have its leader known yet: retry, deadline-bounded.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return _list(level)
+            except KafkaException as exc:
+                err = exc.args[0]
+                retriable = isinstance(err, KafkaError) and (
+                    err.retriable()
+                    or err.code()
+                    in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+                )
+                if not retriable or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # leader election of a new topic; deadline-bounded
+
+    def _list(level: IsolationLevel) -> dict[tuple[str, int], int]:
         futs = admin.list_offsets(
             {tp: OffsetSpec.latest() for tp in tps},  # type: ignore[no-untyped-call]
             isolation_level=level,
