@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -80,8 +81,15 @@ def test_100k_cdrs_three_months_exactly_once(
     try:
         url = proc.wait_for("metrics_serving", timeout_s=60)["url"]
         wait_all_committed(kafka_bootstrap, f"g-{unique_id}", names.raw, timeout_s=180)
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body = resp.read().decode()
+        # The broker has the last commit; the processor accounts for it a moment later
+        # (pipelined: when its main thread next looks). Wait for the metric, with a deadline.
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = resp.read().decode()
+            if _metric(body, "cdranon_records_consumed_total") >= N or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert proc.terminate() == 0, proc.raw[-5:]
     finally:
         proc.close()
