@@ -55,17 +55,26 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
     # Input arrives in chunks while the group changes, so every member has work whatever
     # the processing speed: a chunk before each scale-up and before each kill.
     chunks = 1 + 2 * rounds
+    trickle_size, trickles = 200, 200  # at most: the trickle stops once members commit
     pool = list(
         generate_cdrs(
-            n * chunks, months=recent_months(2), seed=13, malformed_ratio=0.01, now=now_utc()
+            n * chunks + trickle_size * trickles * rounds,
+            months=recent_months(2),
+            seed=13,
+            malformed_ratio=0.01,
+            now=now_utc(),
         )
     )
     sent = produce_input(kafka_bootstrap, names.raw, pool[:n])
 
-    def feed() -> None:
+    def feed(size: int = n) -> None:
         nonlocal sent
-        more = produce_input(kafka_bootstrap, names.raw, pool[len(sent.values) :][:n])
+        more = produce_input(kafka_bootstrap, names.raw, pool[len(sent.values) :][:size])
         sent = join_sent(sent, more)
+
+    def trickle() -> None:
+        if len(pool) - len(sent.values) >= trickle_size:
+            feed(trickle_size)
 
     keys = tmp_path / "keys"
     env = {"CDRANON_MASTER_KEY": generate_master_key(), "CDRANON_HOME": str(tmp_path / "home")}
@@ -89,8 +98,17 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
             feed()
             extra = [Processor(cfg, env, name=f"p{r}-{i}") for i in (2, 3)]
             procs += extra
-            for p in extra:
-                p.wait_for("batch_committed", 1, timeout_s=90)  # it owns partitions
+            # Each new member must commit work of its own. A chunk alone can be consumed by
+            # the first member before a new one's partitions arrive (joining takes seconds),
+            # so keep a trickle of input coming until both have committed, with a deadline.
+            deadline = time.monotonic() + 90
+            while not all(p.count("batch_committed") >= 1 for p in extra):
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"a new member never committed a batch: {[p.raw[-3:] for p in extra]}"
+                    )
+                trickle()
+                time.sleep(0.5)  # pacing of the trickle, not a wait for an outcome
             steps.append(f"3 members@{committed_total(kafka_bootstrap, group, names.raw)[0]}")
             victim, leaver = extra
             feed()
