@@ -97,7 +97,9 @@ def test_a_frozen_processor_is_fenced_and_its_output_never_visible(
     names = TopicNames(prefix)
     create_topics(admin, [names.raw], partitions=6)
     # The stream is fed a chunk before each freeze, so there is always work in flight.
-    pool = list(generate_cdrs(N + 30 * CHUNK, months=recent_months(2), seed=21, now=now_utc()))
+    pool = list(
+        generate_cdrs(N + 30 * CHUNK + 20_000, months=recent_months(2), seed=21, now=now_utc())
+    )
     sent = produce_input(kafka_bootstrap, names.raw, pool[:N])
     keys = tmp_path / "keys"
     env = {"CDRANON_MASTER_KEY": generate_master_key(), "CDRANON_HOME": str(tmp_path / "home")}
@@ -118,8 +120,15 @@ def test_a_frozen_processor_is_fenced_and_its_output_never_visible(
     other = Processor(cfg, env, name="other")
     frozen = False
     try:
-        for p in (zombie, other):
-            p.wait_for("batch_committed", 1, timeout_s=90)
+        # Both must commit work of their own: one could finish the first chunk before the
+        # other's partitions arrive, so keep a trickle coming until both have, with a deadline.
+        deadline = time.monotonic() + 90
+        while not all(p.count("batch_committed") >= 1 for p in (zombie, other)):
+            assert time.monotonic() < deadline, "a processor never committed a batch"
+            if len(sent.values) + 100 <= len(pool):
+                more = produce_input(kafka_bootstrap, names.raw, pool[len(sent.values) :][:100])
+                sent = _join(sent, more)
+            time.sleep(0.5)  # pacing of the trickle, not a wait for an outcome
         stuck: set[tuple[str, int]] = set()
         for attempt in range(30):  # noqa: B007 - reported below
             if zombie.proc.poll() is not None:
