@@ -182,6 +182,27 @@ class Processor:
         with self._cond:
             return [d for d in self.lines if d.get("event") == event]
 
+    def owned(self) -> int:
+        """How many partitions the processor owns after its last rebalance event.
+
+        With cooperative-sticky assignment the events are increments (an assignment of 3
+        while already owning 3 is logged ``assigned=6``), and a revoke or a loss can come
+        between: the last assigned/revoked/lost line says what it owns now.
+        """
+        kinds = ("partitions_assigned", "partitions_revoked", "partitions_lost")
+        with self._cond:
+            for d in reversed(self.lines):
+                if d.get("event") in kinds:
+                    return int(d["assigned"])
+        return 0
+
+    def summary(self) -> str:
+        """A short state line for assertion messages: alive, commits, ownership, last lines."""
+        return (
+            f"{self.name}: rc={self.proc.poll()} committed={self.count('batch_committed')} "
+            f"owned={self.owned()} last={self.raw[-12:]}"
+        )
+
     def wait_for(self, event: str, n: int = 1, timeout_s: float = 60.0) -> dict[str, Any]:
         """Wait for the ``n``-th line with this event; AssertionError at the deadline."""
         deadline = time.monotonic() + timeout_s

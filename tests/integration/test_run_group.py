@@ -22,6 +22,7 @@ from tests.integration.run_support import (
     wait_all_committed,
     write_config,
 )
+from tests.reliability.support import wait_until
 
 N = 100_000
 
@@ -57,9 +58,11 @@ def test_two_processors_one_stopped_mid_stream(
         # Both own partitions and both have committed work.
         for p in (p1, p2):
             p.wait_for("batch_committed", 2, timeout_s=90)
-        assert all(
-            d["assigned"] < 6 for p in (p1, p2) for d in p.events("partitions_assigned")[-1:]
-        ), "the group never split the partitions between the two processors"
+        assert all(p.owned() < 6 for p in (p1, p2)), (
+            "the group never split the partitions between the two processors",
+            p1.summary(),
+            p2.summary(),
+        )
         done, high = committed_total(kafka_bootstrap, group, names.raw)
         assert done < high, "the stream finished before the stop; make it longer"
 
@@ -70,7 +73,9 @@ def test_two_processors_one_stopped_mid_stream(
 
         # p2 takes over every partition and finishes the stream.
         wait_all_committed(kafka_bootstrap, group, names.raw, timeout_s=180)
-        assert p2.events("partitions_assigned")[-1]["assigned"] == 6
+        # p1's partitions may all have been finished before it left, so the stream can end
+        # before p2's rebalance callback runs: wait for the takeover, do not assume it.
+        wait_until("p2 owns every partition", lambda: p2.owned() == 6, timeout_s=60)
         assert p2.terminate() == 0, p2.raw[-5:]
     finally:
         p1.close()

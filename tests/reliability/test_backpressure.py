@@ -9,6 +9,7 @@ input exactly once, so no offset was ever committed for output that was not writ
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -125,7 +126,11 @@ def test_full_producer_queue_pauses_and_sigterm_never_commits_unwritten_output(
         time.sleep(2)  # the stop request is pending while the broker is away
         broker.thaw()
         frozen = False
-        assert proc.proc.wait(90) == 0, proc.raw[-5:]
+        try:
+            rc = proc.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 90 s after SIGTERM; {proc.summary()}") from None
+        assert rc == 0, proc.raw[-5:]
     finally:
         if frozen:
             broker.thaw()

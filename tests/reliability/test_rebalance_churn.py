@@ -121,8 +121,7 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
             steps.append(f"1 member@{done}")
 
             def first_owns_all() -> bool:
-                ev = first.events("partitions_assigned")
-                return bool(ev) and ev[-1]["assigned"] == 6
+                return first.owned() == 6
 
             wait_until("the first processor owns all 6 partitions again", first_owns_all, 60)
         wait_all_committed(kafka_bootstrap, group, names.raw, timeout_s=240)
