@@ -160,6 +160,11 @@ class Proc:
             stderr=subprocess.DEVNULL,
         )
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the process has used so far."""
+        fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.p.terminate()
         try:
@@ -318,12 +323,16 @@ def _scenario(
         _produce(bootstrap, src, warm)
         _wait_committed(bootstrap, group, src, total)
         rates = []
+        cpu_us = []
         for batch in data:
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), proc.cpu_s()
             _produce(bootstrap, src, batch)
             total += len(batch)
             t1 = _wait_committed(bootstrap, group, src, total)
             rates.append(len(batch) / (t1 - t0))
+            # The processor's own CPU per record: what it costs, whatever else the shared
+            # machine runs meanwhile (wall-clock rates here vary by +-30%).
+            cpu_us.append((proc.cpu_s() - c0) / len(batch) * 1e6)
         rate = median(rates)
         # Latency at half the measured rate.
         seen: dict[str, float] = {}
@@ -345,6 +354,8 @@ def _scenario(
         return {
             "records_per_s": round(rate),
             "rounds_records_per_s": [round(r) for r in rates],
+            "cpu_us_per_record": round(median(cpu_us), 2),
+            "rounds_cpu_us_per_record": [round(c, 2) for c in cpu_us],
             "latency_rate_per_s": round(rate / 2),
             "latency_records": len(lat),
             "latency_p50_ms": round(q[49] * 1000, 1),
@@ -383,7 +394,7 @@ def _by_name(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             continue
         out[name] = {
             k: round(median([float(r[k]) for r in mine]), 1)
-            for k in ("records_per_s", "latency_p50_ms", "latency_p99_ms")
+            for k in ("records_per_s", "cpu_us_per_record", "latency_p50_ms", "latency_p99_ms")
         }
         out[name]["runs"] = mine
     return out
@@ -409,6 +420,11 @@ def _pkcs11_ratios(
             results[variant]["records_per_s"] / results["cdranon"]["records_per_s"], 3
         )
         out[f"ratio_{short}_to_file_pairs"] = pairs
+        # Cost: the processor's CPU per record, file over this variant (1.0 = as cheap;
+        # above 0.95 is "within 5%"). Steadier than the wall-clock rates on this machine.
+        out[f"ratio_{short}_to_file_cpu"] = round(
+            results["cdranon"]["cpu_us_per_record"] / results[variant]["cpu_us_per_record"], 3
+        )
     return out
 
 

@@ -160,6 +160,11 @@ class BatchSettings(_Section):
     # Commit batch N (send offsets + commit, blocking network calls) on a helper thread
     # while batch N+1 is transformed: the transaction stays one per batch, strictly in order.
     pipeline: bool = True
+    # After SIGTERM, how long the open batch may take to commit (or abort) while Kafka does
+    # not answer. Past it the processor exits without committing: the broker aborts the
+    # transaction and the batch's offsets stay uncommitted, so its successor reads it again.
+    # Keep it below the supervisor's kill deadline (terminationGracePeriodSeconds: 60).
+    stop_grace_s: float = Field(default=30.0, ge=1, le=3600)
 
 
 class TopicsSettings(_Section):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -126,4 +128,12 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(s, h)
         if server is not None:
             server.close()
+    if not runner.clean_exit:
+        # A Kafka call is still blocked on a helper thread (the broker did not answer within
+        # batch.stop_grace_s, or a stuck producer was replaced): librdkafka's destructors
+        # would wait for it at interpreter exit. Nothing is left to save: the open
+        # transaction is the broker's to abort, and the logs are flushed here.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

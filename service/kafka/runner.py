@@ -31,6 +31,9 @@ transaction is still never open when partitions are given up.
 
 Shutdown (``request_stop``, called from SIGTERM/SIGINT): the current batch is finished (or,
 if it cannot be, abandoned uncommitted), the consumer leaves the group, the run returns.
+While Kafka does not answer, finishing is bounded by ``batch.stop_grace_s``: past it the run
+returns without committing (``clean_exit`` False); the broker aborts the open transaction
+and the batch's offsets stay uncommitted, so exactly-once holds.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ _LOG = logging.getLogger("cdranon.runner")
 _TXN_TIMEOUT_S = 30.0
 # A transaction call still blocked this long after it started is stuck (see _Background).
 _STUCK_S = _TXN_TIMEOUT_S + 15.0
+# How long closing the consumer (leaving the group) may take at exit.
+_CLOSE_WAIT_S = 10.0
 # Months ahead are re-checked this often, so next month's topics exist before it starts.
 _PRECREATE_EVERY_S = 600.0
 # End-to-end latency is sampled (a histogram observation costs ~1 us; 10k per batch would
@@ -105,6 +110,10 @@ class RunStats:
     aborted: int = 0
 
 
+class _StopGraceExpiredError(Exception):
+    """Stop was requested and ``batch.stop_grace_s`` passed while Kafka did not answer."""
+
+
 class Runner:
     """One processor instance: a consumer-group member with a transactional producer."""
 
@@ -125,6 +134,11 @@ class Runner:
         self.txn_id = transactional_id(settings)
         self.stats = RunStats()
         self._stop = False
+        self._stop_at: float | None = None
+        self._stop_grace_s = settings.batch.stop_grace_s
+        # False when the run gave up on Kafka at stop (a call may still be blocked on a
+        # helper thread): the caller should then exit without destroying the clients.
+        self.clean_exit = True
         self._assigned: set[TP] = set()
         self._paused: str | None = None
         self._in_txn = False
@@ -186,7 +200,15 @@ class Runner:
 
     def request_stop(self) -> None:
         """Ask the loop to finish the current batch and return (signal-safe)."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
         self._stop = True
+
+    def _check_stop_grace(self, during: str) -> None:
+        """Raise _StopGraceExpiredError if stopping and the grace is over (called in waits)."""
+        at = self._stop_at
+        if at is not None and time.monotonic() - at > self._stop_grace_s:
+            raise _StopGraceExpiredError(during)
 
     def run(self, *, until: Callable[[RunStats], bool] | None = None) -> RunStats:
         """Process until ``request_stop`` (or ``until(stats)`` is true); returns the stats.
@@ -215,18 +237,21 @@ class Runner:
             max_records = self._s.batch.max_records
             wait_s = self._s.batch.max_wait_ms / 1000
             consume = self._consumer.consume
-            while not self._stop and not (until is not None and until(self.stats)):
-                self._check_fatal()
-                if time.monotonic() - self._last_precreate > _PRECREATE_EVERY_S:
-                    self._precreate()
-                msgs = consume(max_records, wait_s)
-                batch = self._records(msgs) if msgs else []
-                if batch:
-                    self._process(batch)
-                else:
-                    self._finish_pending()  # idle: make the last batch visible now
-                self._producer.poll(0)
-            self._finish_pending()
+            try:
+                while not self._stop and not (until is not None and until(self.stats)):
+                    self._check_fatal()
+                    if time.monotonic() - self._last_precreate > _PRECREATE_EVERY_S:
+                        self._precreate()
+                    msgs = consume(max_records, wait_s)
+                    batch = self._records(msgs) if msgs else []
+                    if batch:
+                        self._process(batch)
+                    else:
+                        self._finish_pending()  # idle: make the last batch visible now
+                    self._producer.poll(0)
+                self._finish_pending()
+            except _StopGraceExpiredError as exc:
+                self._give_up(str(exc))
         finally:
             self._close()
         log_event(_LOG, "runner_stopped", **_stats_fields(self.stats))
@@ -257,18 +282,57 @@ class Runner:
         months = self.topics.precreate(self._s.topics.precreate_months_ahead)
         log_event(_LOG, "topics_ready", months=months, level=logging.DEBUG)
 
+    def _give_up(self, during: str) -> None:
+        """Stop grace over: leave the open transaction to the broker's timeout (it aborts;
+        the offsets stay uncommitted) and skip every call that waits for Kafka."""
+        log_event(
+            _LOG,
+            "stop_grace_expired",
+            level=logging.WARNING,
+            during=during,
+            grace_s=self._stop_grace_s,
+            open_transaction=self._in_txn or self._pending is not None,
+        )
+        self.clean_exit = False
+        self._pending = None
+        self._in_txn = False
+
     def _close(self) -> None:
-        if self._pending is not None:
-            try:
-                self._finish_pending()
-            except KafkaFatalError as exc:
-                log_event(_LOG, "commit_failed_at_close", level=logging.ERROR, error=str(exc))
-        if self._in_txn:
-            self._abort_quietly()
+        if not self.clean_exit:
+            # Kafka did not answer within the grace: a bounded leave (on a helper thread:
+            # close() can wait for an unreachable coordinator) and no flush, since the open
+            # transaction's messages are aborted anyway.
+            _Background(self._consumer.close).done.wait(_CLOSE_WAIT_S)
+            return
         try:
-            self._consumer.close()
-        except (KafkaException, RuntimeError) as exc:
-            log_event(_LOG, "consumer_close_failed", level=logging.WARNING, error=str(exc))
+            if self._pending is not None:
+                try:
+                    self._finish_pending()
+                except KafkaFatalError as exc:
+                    log_event(_LOG, "commit_failed_at_close", level=logging.ERROR, error=str(exc))
+            if self._in_txn:
+                self._abort_quietly()
+        except _StopGraceExpiredError as exc:
+            self._give_up(str(exc))
+            _Background(self._consumer.close).done.wait(_CLOSE_WAIT_S)
+            return
+        if self._abandoned:
+            # A replaced producer's call may still be blocked on its helper thread:
+            # destroying it at interpreter exit could wait for ever.
+            self.clean_exit = False
+        # Leaving the group needs the coordinator: bounded, so an unreachable broker cannot
+        # hold the exit (the group then notices the departure by the session timeout).
+        closing = _Background(self._consumer.close)
+        if not closing.done.wait(_CLOSE_WAIT_S):
+            log_event(_LOG, "consumer_close_timed_out", level=logging.WARNING, wait_s=_CLOSE_WAIT_S)
+            self.clean_exit = False
+            return
+        if isinstance(closing.error, (KafkaException, RuntimeError)):
+            log_event(
+                _LOG, "consumer_close_failed", level=logging.WARNING, error=str(closing.error)
+            )
+        elif closing.error is not None:
+            raise closing.error
         remaining = self._producer.flush(10)
         if remaining:
             log_event(_LOG, "producer_not_drained", level=logging.WARNING, messages=remaining)
@@ -469,6 +533,10 @@ class Runner:
         batch, result, started, job = pending
         while not job.done.wait(1.0):
             since = self._blocking_since
+            if self._stop:
+                self._pending = pending  # still open: _give_up accounts for it
+                self._check_stop_grace("commit")
+                self._pending = None
             if since is not None and time.monotonic() - since > _STUCK_S:
                 self._replace_stuck_producer(batch)
                 return False
@@ -646,6 +714,7 @@ class Runner:
             # message.timeout.ms, which then aborts the transaction.
             while len(self._producer) >= self._queue_max:
                 self._producer.poll(0.05)
+                self._check_stop_grace("producer queue")
             self._producer.poll(0)
         finally:
             self._m.paused.labels("producer_queue").set(0)
@@ -700,6 +769,7 @@ class Runner:
                 err = kafka_error(exc)
                 if err.fatal() or not err.retriable():
                     raise _fatal_error(err, "producer (abort)") from None
+                self._check_stop_grace("abort")
                 self._m.retries.labels("broker").inc()
                 time.sleep(delay)  # abort's outcome is pending; retry it as is
                 delay = min(delay * 2, self._s.retry.backoff_max_s)

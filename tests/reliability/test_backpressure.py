@@ -33,10 +33,11 @@ from tests.integration.run_support import (
     wait_all_committed,
     write_config,
 )
-from tests.reliability.streams import exactly_once
+from tests.reliability.streams import exactly_once, join_sent
 from tests.reliability.support import DedicatedBroker, free_port, wait_until
 
 N = 60_000
+EXTRA = 5_000  # written just before the last freeze, so that processor has work in flight
 PAUSED = b'cdranon_paused{reason="producer_queue"} 1.0'
 
 
@@ -67,8 +68,8 @@ def test_full_producer_queue_pauses_and_sigterm_never_commits_unwritten_output(
     prefix, group = "bp", "g-bp"
     names = TopicNames(prefix)
     create_topics(admin, [names.raw], partitions=3)
-    values = list(generate_cdrs(N, months=recent_months(2), seed=19, now=now_utc()))
-    sent = produce_input(bootstrap, names.raw, values)
+    values = list(generate_cdrs(N + EXTRA, months=recent_months(2), seed=19, now=now_utc()))
+    sent = produce_input(bootstrap, names.raw, values[:N])
     keys = tmp_path / "keys"
     port = free_port()
     env = {"CDRANON_MASTER_KEY": generate_master_key(), "CDRANON_HOME": str(tmp_path / "home")}
@@ -138,17 +139,44 @@ def test_full_producer_queue_pauses_and_sigterm_never_commits_unwritten_output(
     assert proc.count("runner_stopped") == 1
     stopped_at, high = committed_total(bootstrap, group, names.raw)
     assert stopped_at < high, "the stream finished before the SIGTERM; make it longer"
+
+    # SIGTERM while the broker stays away: the exit is bounded by batch.stop_grace_s (3 s
+    # here) plus the bounded consumer close, never a hang; nothing is committed meanwhile.
+    stuck = Processor(cfg, {**env, "CDRANON_BATCH__STOP_GRACE_S": "3"}, name="stuck")
+    try:
+        stuck.wait_for("batch_committed", 1, timeout_s=90)
+        sent = join_sent(sent, produce_input(bootstrap, names.raw, values[N:]))
+        broker.freeze()
+        frozen = True
+        stuck.proc.send_signal(15)
+        t0 = time.monotonic()
+        try:
+            rc = stuck.proc.wait(45)
+        except subprocess.TimeoutExpired:
+            msg = f"no exit 45 s after SIGTERM, broker away; {stuck.summary()}"
+            raise AssertionError(msg) from None
+        took = time.monotonic() - t0
+        assert rc == 0, stuck.raw[-5:]
+        assert stuck.count("runner_stopped") == 1, stuck.raw[-5:]
+        gave_up = stuck.count("stop_grace_expired") + stuck.count("consumer_close_timed_out")
+        assert gave_up >= 1, stuck.raw[-8:]
+    finally:
+        if frozen:
+            broker.thaw()
+            frozen = False
+        stuck.close()
     final = Processor(cfg, env, name="final")
     try:
         wait_all_committed(bootstrap, group, names.raw, timeout_s=180)
         assert final.terminate() == 0, final.raw[-5:]
     finally:
         final.close()
-    out = read_outputs(bootstrap, prefix, N)
+    out = read_outputs(bootstrap, prefix, len(sent.values))
     assert exactly_once(sent, out) == (0, 0)
     verdict = check_invariants(sent, out, prefix, f"file://{keys}", env)
-    assert verdict.sanitised + verdict.rejected == N
+    assert verdict.sanitised + verdict.rejected == len(sent.values)
     print(
         f"backpressure: SIGTERM at {stopped_at}/{high} (queue full then: "
-        f"{queue_full_at_sigterm}), 0 lost, 0 duplicated"
+        f"{queue_full_at_sigterm}); with the broker away the exit took {took:.1f} s; "
+        "0 lost, 0 duplicated"
     )

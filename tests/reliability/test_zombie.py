@@ -26,7 +26,6 @@ from service.months import now_utc
 from tests.integration.kafka_helpers import create_topics
 from tests.integration.run_support import (
     Processor,
-    Sent,
     check_invariants,
     committed_total,
     produce_input,
@@ -35,19 +34,11 @@ from tests.integration.run_support import (
     wait_all_committed,
     write_config,
 )
-from tests.reliability.streams import exactly_once
+from tests.reliability.streams import exactly_once, join_sent
 from tests.reliability.support import wait_until
 
 N = 20_000
 CHUNK = 2_000
-
-
-def _join(a: Sent, b: Sent) -> Sent:
-    """Two produce_input results on one topic as one."""
-    shift = len(a.values)
-    return Sent(
-        a.values + b.values, {**a.position, **{k: v + shift for k, v in b.position.items()}}
-    )
 
 
 def _lso_and_high(admin: AdminClient, prefix: str) -> tuple[dict[TopicPartition, int], ...]:
@@ -131,7 +122,7 @@ def test_a_frozen_processor_is_fenced_and_its_output_never_visible(
             )
             if len(sent.values) + 100 <= len(pool):
                 more = produce_input(kafka_bootstrap, names.raw, pool[len(sent.values) :][:100])
-                sent = _join(sent, more)
+                sent = join_sent(sent, more)
             time.sleep(0.5)  # pacing of the trickle, not a wait for an outcome
         stuck: set[tuple[str, int]] = set()
         for attempt in range(30):  # noqa: B007 - reported below
@@ -142,7 +133,7 @@ def test_a_frozen_processor_is_fenced_and_its_output_never_visible(
                 zombie = Processor(cfg, env, name="zombie")
                 zombie.wait_for("batch_committed", 1, timeout_s=90)
             more = produce_input(kafka_bootstrap, names.raw, pool[len(sent.values) :][:CHUNK])
-            sent = _join(sent, more)
+            sent = join_sent(sent, more)
             time.sleep(rng.uniform(0.0, 0.1))
             zombie.proc.send_signal(19)  # SIGSTOP
             frozen = True
