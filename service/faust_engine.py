@@ -40,7 +40,7 @@ from confluent_kafka.admin import AdminClient
 from service.config import Settings
 from service.errors import ConfigError, KeystoreUnavailableError
 from service.kafka.clients import admin_config
-from service.kafka.topics import HOUR_MS, TopicManager, TopicNames
+from service.kafka.topics import TopicManager, topic_manager
 from service.logs import log_event
 from service.metrics import Metrics
 from service.months import now_utc, to_ms
@@ -300,27 +300,11 @@ def build_app(settings: Settings) -> Any:
     )
 
 
-def topic_manager(settings: Settings, transformer: Transformer) -> TopicManager:
-    """The TopicManager the confluent engine uses, for the same topics and retention."""
-    return TopicManager(
-        AdminClient(admin_config(settings)),
-        TopicNames(settings.kafka.topic_prefix),
-        identifier_months=transformer.policy.max_identifier_months,
-        billing_years=transformer.policy.max_billing_years,
-        partitions=settings.topics.partitions,
-        replication_factor=settings.topics.replication_factor,
-        grace_ms=int(settings.topics.retention_grace_hours * HOUR_MS),
-        future_tolerance_ms=transformer.future_tolerance_ms,
-        rejected_retention_days=settings.topics.rejected_retention_days,
-        tz=transformer.tz,
-    )
-
-
 def run_faust(settings: Settings, transformer: Transformer, metrics: Metrics) -> int:
     """Run a Faust worker with the anonymiser agent until SIGTERM/SIGINT; its exit code."""
     faust = import_faust()
     app = build_app(settings)
-    topics = topic_manager(settings, transformer)
+    topics = topic_manager(settings, transformer, AdminClient(admin_config(settings)))
     # Month topics ahead of time, as the confluent engine does at start.
     topics.precreate(settings.topics.precreate_months_ahead)
     anonymiser = Anonymiser(

@@ -69,7 +69,7 @@ from service.kafka.clients import (
     producer_config,
     transactional_id,
 )
-from service.kafka.topics import HOUR_MS, TopicManager, TopicNames
+from service.kafka.topics import TopicNames, topic_manager
 from service.logs import log_event
 from service.merkle import leaf_hash, root_from_leaf_hashes
 from service.metrics import Metrics
@@ -160,18 +160,8 @@ class Runner:
         )
         self._producer = Producer(pconf)
         self._admin = AdminClient(admin_config(settings))
-        self.topics = TopicManager(
-            self._admin,
-            self.names,
-            identifier_months=transformer.policy.max_identifier_months,
-            billing_years=transformer.policy.max_billing_years,
-            partitions=settings.topics.partitions,
-            replication_factor=settings.topics.replication_factor,
-            grace_ms=int(settings.topics.retention_grace_hours * HOUR_MS),
-            future_tolerance_ms=transformer.future_tolerance_ms,
-            rejected_retention_days=settings.topics.rejected_retention_days,
-            tz=transformer.tz,
-            on_created=self._on_topic_created,
+        self.topics = topic_manager(
+            settings, transformer, self._admin, on_created=self._on_topic_created
         )
         # "Original form": one signed root per batch and month topic, in the transaction.
         self._integrity = settings.integrity.enabled and transformer.integrity

@@ -34,6 +34,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
+from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
@@ -52,6 +53,11 @@ from service.months import (
     now_utc,
     to_ms,
 )
+
+if TYPE_CHECKING:
+    # Annotations only: the transform pulls in the whole core, which topics.py has no use for.
+    from service.config import Settings
+    from service.transform import Transformer
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -254,3 +260,30 @@ class TopicManager:
         self.ensure([self.names.rejected])
         self.ensure_months(months, months)
         return months
+
+
+def topic_manager(
+    settings: Settings,
+    transformer: Transformer,
+    admin: AdminClient,
+    on_created: Callable[[str], None] | None = None,
+) -> TopicManager:
+    """The TopicManager of the configured prefix, partitions and retention.
+
+    Every engine builds it here, so the confluent and Faust engines create the same topics
+    with the same ``retention.ms``: the retention windows come from the transformer's
+    policy and time zone, the rest from ``[topics]`` and ``[kafka] topic_prefix``.
+    """
+    return TopicManager(
+        admin,
+        TopicNames(settings.kafka.topic_prefix),
+        identifier_months=transformer.policy.max_identifier_months,
+        billing_years=transformer.policy.max_billing_years,
+        partitions=settings.topics.partitions,
+        replication_factor=settings.topics.replication_factor,
+        grace_ms=int(settings.topics.retention_grace_hours * HOUR_MS),
+        future_tolerance_ms=transformer.future_tolerance_ms,
+        rejected_retention_days=settings.topics.rejected_retention_days,
+        tz=transformer.tz,
+        on_created=on_created,
+    )
