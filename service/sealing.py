@@ -63,15 +63,11 @@ class BatchSealer:
 
     def seal(self, identifiers: dict[str, object], cdr_id: str) -> str:
         """Seal a record's identifiers (field -> value as received); returns base64 text."""
-        return self.seal_json(dumps(identifiers), cdr_id)
-
-    def seal_json(self, plaintext: bytes, cdr_id: str) -> str:
-        """Seal the JSON object of a record's identifiers (the transform caches it)."""
         n = self._counter = self._counter + 1
         if n > _MAX_PER_BATCH:
             raise SealError("too many records in one sealing batch (limit 2^32 - 1)")
         nonce = n.to_bytes(12, "big")  # 32 zero bits + the 64-bit counter
-        ct = self._aead.encrypt(nonce, plaintext, self._aad_prefix + cdr_id.encode())
+        ct = self._aead.encrypt(nonce, dumps(identifiers), self._aad_prefix + cdr_id.encode())
         return b2a_base64(self._header + nonce + ct, newline=False).decode()
 
 

@@ -228,11 +228,6 @@ def test_same_plaintext_twice_gives_different_blobs(keys: MonthKeys) -> None:
     assert _parts(a)[4] != _parts(b)[4]
 
 
-def test_seal_json_equals_seal_of_the_object(keys: MonthKeys) -> None:
-    blob = BatchSealer(keys).seal_json(orjson.dumps(IDS), "c-9")
-    assert Unsealer(keys).unseal(blob, "c-9") == IDS
-
-
 def test_unsealer_reads_blobs_of_many_batches(keys: MonthKeys) -> None:
     blobs = [
         (BatchSealer(keys).seal({"imsi": f"23415000000{i:04d}"}, f"c{i}"), i) for i in range(50)
