@@ -74,7 +74,7 @@ from service.logs import log_event
 from service.merkle import leaf_hash, root_from_leaf_hashes
 from service.metrics import Metrics
 from service.months import now_utc, to_ms
-from service.outputs import BatchResult
+from service.outputs import BatchResult, OutRecord
 from service.transform import Transformer
 
 _LOG = logging.getLogger("cdranon.runner")
@@ -579,31 +579,15 @@ class Runner:
         self._rewind(batch)
 
     def _produce_all(self, batch: Sequence[Message], result: BatchResult) -> None:
-        # Hot path: bound methods and dicts in locals.
-        produce = self._producer.produce
-        poll = self._producer.poll
-        sealed_topic = self._sealed_topic
-        names = self.names
-        n = 0
-        for rec in result.sealed:
-            topic = sealed_topic.get(rec.month)
-            if topic is None:
-                topic = sealed_topic[rec.month] = names.sealed(rec.month)
-            try:
-                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
-            except BufferError:
-                self._wait_queue()
-                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
-            n += 1
-            if n % _POLL_EVERY == 0:
-                poll(0)
+        n = self._produce_month(result.sealed, self._sealed_topic, self.names.sealed, 0)
         if self._chain is not None:
             n = self._produce_sanitised_with_leaves(result, n)
         else:
-            n = self._produce_sanitised(result, n)
+            n = self._produce_month(
+                result.sanitised, self._sanitised_topic, self.names.sanitised, n
+            )
         if result.rejected:
             now_ms = self._clock_ms()
-            rejected_topic = names.rejected
             for rej in result.rejected:
                 src = batch[rej.index]
                 _, src_ts = src.timestamp()
@@ -626,21 +610,40 @@ class Runner:
                         ("value_dropped", b"too_large_to_copy"),
                     ]
                     value = None
-                try:
-                    produce(rejected_topic, value, src.key(), timestamp=now_ms, headers=headers)
-                except BufferError:
-                    self._wait_queue()
-                    produce(rejected_topic, value, src.key(), timestamp=now_ms, headers=headers)
-        poll(0)
+                self._produce_one(self.names.rejected, value, src.key(), now_ms, headers)
+        self._producer.poll(0)
 
-    def _produce_sanitised(self, result: BatchResult, n: int) -> int:
+    def _produce_one(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        timestamp: int = 0,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+    ) -> None:
+        """One produce; a full queue is waited on (never dropped). Off the hot path."""
+        try:
+            self._producer.produce(topic, value, key, timestamp=timestamp, headers=headers)
+        except BufferError:
+            self._wait_queue()
+            self._producer.produce(topic, value, key, timestamp=timestamp, headers=headers)
+
+    def _produce_month(
+        self,
+        records: Sequence[OutRecord],
+        topics: dict[str, str],
+        name: Callable[[str], str],
+        n: int,
+    ) -> int:
+        """Produce month records to their month's topic (``topics`` caches ``name``);
+        ``n`` counts produces across calls, to serve delivery reports every _POLL_EVERY."""
+        # Hot path: bound methods in locals, the produce inlined.
         produce = self._producer.produce
         poll = self._producer.poll
-        sanitised_topic = self._sanitised_topic
-        for rec in result.sanitised:
-            topic = sanitised_topic.get(rec.month)
+        for rec in records:
+            topic = topics.get(rec.month)
             if topic is None:
-                topic = sanitised_topic[rec.month] = self.names.sanitised(rec.month)
+                topic = topics[rec.month] = name(rec.month)
             try:
                 produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms)
             except BufferError:
@@ -689,11 +692,7 @@ class Runner:
                 size=len(hashes),
                 root=root_from_leaf_hashes(hashes).hex(),
             )
-            try:
-                produce(self.audit_topic, raw)
-            except BufferError:
-                self._wait_queue()
-                produce(self.audit_topic, raw)
+            self._produce_one(self.audit_topic, raw)
         return n
 
     def _wait_queue(self) -> None:
