@@ -22,6 +22,9 @@ Protection of the registry (docs/retention.md):
   overwrite in place, unlink, fsync.
 - Registry entries (who, why, when, what) live in a durable store: JSON files in
   ``<keystore dir>/holds/`` (file mode) or the compacted topic ``cdr.holds`` (broker mode).
+
+The file operations themselves (atomic replace, create by hard link, shred) are
+service/durable.py's.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import base64
 import contextlib
 import hmac
 import json
-import os
 import re
 import secrets
 import threading
@@ -45,6 +47,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.hmac import HMAC
 
+# fsync_dir and atomic_write (below) are re-exported for retention.py, which imports them
+# from here; it should import service.durable. "X as X" is mypy strict's explicit re-export.
+from service.durable import create_exclusive, replace_file, shred, temp_files
+from service.durable import fsync_dir as fsync_dir  # noqa: PLC0414
 from service.errors import (
     ConfigError,
     KeyDestroyedError,
@@ -245,39 +251,14 @@ class FileHoldRegistry:
         final = self.directory / f"{hold.hold_id}.json"
         data = (json.dumps(hold.to_json(), indent=1) + "\n").encode()
         try:
-            atomic_write(final, data, mode=0o600)
+            replace_file(final, data, mode=0o600)
         except OSError as exc:
             raise KeystoreError(
                 f"cannot write hold registry entry {final}: {exc.strerror}"
             ) from exc
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` all or nothing: temp file, fsync, rename, fsync directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory so a rename or unlink in it is durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+atomic_write = replace_file  # re-exported for retention.py: see the imports
 
 
 # -- hold secrets ------------------------------------------------------------------------
@@ -367,22 +348,8 @@ class HoldSecrets:
                 ).decode(),
             }
             path = self._path(name, "key")
-            tmp = self.directory / f".{name}.key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, (json.dumps(body) + "\n").encode())
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                try:
-                    os.link(tmp, path)
-                    won = True
-                except FileExistsError:
-                    won = False
-                finally:
-                    tmp.unlink()
-                fsync_dir(self.directory)
+                won = create_exclusive(path, (json.dumps(body) + "\n").encode(), mode=0o600)
             except OSError as exc:
                 raise KeystoreError(f"cannot write hold secret {path}: {exc.strerror}") from exc
             if won:
@@ -429,11 +396,11 @@ class HoldSecrets:
                         "name": hold_id,
                         "destroyed_at": rfc3339(self._clock()),
                     }
-                    atomic_write(tomb, (json.dumps(doc) + "\n").encode(), mode=0o600)
-                existed = _shred(path)
-                for debris in self.directory.glob(f".{hold_id}.key.*.tmp"):
-                    _shred(debris)
-                fsync_dir(self.directory)
+                    replace_file(tomb, (json.dumps(doc) + "\n").encode(), mode=0o600)
+                existed = shred(path)
+                # Temporary files of a racing or crashed create hold a wrapped key too.
+                for debris in temp_files(path):
+                    shred(debris)
             except OSError as exc:
                 raise KeystoreError(
                     f"destroying hold key {HOLD_KEY_PREFIX}{hold_id} in {self.directory} failed: "
@@ -444,24 +411,6 @@ class HoldSecrets:
 
 def _display(name: str) -> str:
     return name if name == REGISTRY_SECRET_NAME else HOLD_KEY_PREFIX + name
-
-
-def _shred(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        size = os.fstat(fd).st_size
-        written = 0
-        while written < size:
-            written += os.pwrite(fd, secrets.token_bytes(size - written), written)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    return True
 
 
 # -- matching and re-sealing -------------------------------------------------------------

@@ -19,26 +19,29 @@ Destruction writes the tombstone first (so nothing can re-create or read the mon
 it proceeds), then overwrites the key file's bytes in place with random bytes, fsyncs,
 unlinks, and fsyncs the directory. Overwriting reaches every hard link of the file; it
 cannot reach copies (backups, snapshots, copy-on-write blocks): see docs/keystore.md.
+
+The file operations themselves (create by hard link, shred, temporary names) are
+service/durable.py's; temporary files start with a dot, so list() ignores them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 
+from service.durable import create_exclusive, shred, temp_files
 from service.errors import (
     KeyDestroyedError,
     KeystoreError,
@@ -125,39 +128,7 @@ class FileKeystore:
     def _tombstone_path(self, kid: str) -> Path:
         return self.directory / (self._stem(kid) + TOMBSTONE_SUFFIX)
 
-    def _temp_path(self, stem: str, kind: str) -> Path:
-        # Leading dot and ".tmp": never matched by _FILE_NAME, so list() ignores them.
-        return self.directory / f".{stem}.{kind}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-
-    # -- low-level file operations -------------------------------------------------------
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _publish(self, stem: str, kind: str, final: Path, data: bytes) -> bool:
-        """Write ``data`` to ``final`` unless it exists; True if this call created it."""
-        tmp = self._temp_path(stem, kind)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, final)
-                won = True
-            except FileExistsError:
-                won = False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        self._fsync_dir()
-        return won
+    # -- reading files -------------------------------------------------------------------
 
     def _read_json(self, path: Path) -> dict[str, Any] | None:
         """The file's JSON object, None if the file does not exist."""
@@ -174,29 +145,6 @@ class FileKeystore:
         if not isinstance(doc, dict):
             raise KeystoreError(f"keystore file {path} is not a JSON object: damaged?")
         return doc
-
-    def _shred(self, path: Path) -> bool:
-        """Overwrite the file's bytes in place, fsync, unlink. True if it existed."""
-        try:
-            fd = os.open(path, os.O_WRONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            size = os.fstat(fd).st_size
-            # Overwriting the inode (not writing a new file) reaches every hard link to it.
-            written = 0
-            while written < size:
-                written += os.pwrite(fd, secrets.token_bytes(size - written), written)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return True
-
-    def _debris(self, stem: str) -> Iterator[Path]:
-        """Temporary files of this key id (a racing or crashed create_if_absent)."""
-        yield from self.directory.glob(f".{stem}.key.*.tmp")
 
     # -- secrets -------------------------------------------------------------------------
 
@@ -301,9 +249,8 @@ class FileKeystore:
                 "wrapped": base64.b64encode(wrapped).decode("ascii"),
             }
             data = (json.dumps(body, indent=1) + "\n").encode("ascii")
-            stem = self._stem(kid)
             try:
-                won = self._publish(stem, "key", path, data)
+                won = create_exclusive(path, data, mode=0o600)
             except FileNotFoundError:
                 # A concurrent destroy removed our temporary file before we linked it.
                 self._raise_if_destroyed(kid)
@@ -313,8 +260,7 @@ class FileKeystore:
             # A destroy may have written its tombstone between our check and our link:
             # a destroyed month must never end up with a key, so undo ours.
             if self._tombstone_path(kid).exists():
-                self._shred(path)
-                self._fsync_dir()
+                shred(path)
                 self._raise_if_destroyed(kid)
             if won:
                 log.info("created month key %s in %s", kid, self.directory)
@@ -334,7 +280,6 @@ class FileKeystore:
         with self._lock:
             path = self._key_path(kid)
             tomb_path = self._tombstone_path(kid)
-            stem = self._stem(kid)
             try:
                 doc = self._read_json_lenient(path)
                 created_at = doc.get("created_at") if doc else None
@@ -346,13 +291,13 @@ class FileKeystore:
                 }
                 # Tombstone first: from this instant no get or create succeeds. An existing
                 # tombstone (an earlier or concurrent destroy) is kept as the record.
-                self._publish(
-                    stem, "destroyed", tomb_path, (json.dumps(tomb, indent=1) + "\n").encode()
+                create_exclusive(
+                    tomb_path, (json.dumps(tomb, indent=1) + "\n").encode(), mode=0o600
                 )
-                existed = self._shred(path)
-                for debris in self._debris(stem):
-                    self._shred(debris)
-                self._fsync_dir()
+                existed = shred(path)
+                # Temporary files of a racing or crashed create_if_absent hold a wrap too.
+                for debris in temp_files(path):
+                    shred(debris)
             except OSError as exc:
                 raise KeystoreError(
                     f"destroying {kid} in {self.directory} failed: {_reason(exc)}; run the "

@@ -17,7 +17,7 @@ Every writer generates its own candidate (a KEK for pkcs11, a fresh secret, a wr
 asks the store to publish it *if no record exists*. The store picks exactly one:
 
 - directory: the candidate is written under a temporary name and hard-linked to the final
-  name; ``link`` fails if the name exists, so the first link wins;
+  name; ``link`` fails if the name exists, so the first link wins (service/durable.py);
 - topic: every write of a key id goes through a transactional producer whose
   ``transactional.id`` is derived from the key id. Kafka allows one live producer per
   transactional id: a writer that initialises it fences (aborts) any earlier writer's
@@ -71,6 +71,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from cryptography.exceptions import InvalidTag
 
+from service.durable import create_exclusive, shred, temp_files
 from service.errors import (
     KeyDestroyedError,
     KeystoreError,
@@ -447,33 +448,6 @@ class DirectoryStore:
         except OSError as exc:
             raise KeystoreUnavailableError(f"cannot read {path}: {exc.strerror}") from exc
 
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _link_first(self, final: Path, data: bytes) -> bool:
-        tmp = self.directory / f".{final.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, final)
-                won = True
-            except FileExistsError:
-                won = False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        self._fsync_dir()
-        return won
-
     def lookup(self, kid: str) -> Entry | None:
         """Read the files now: a destroy by another process is seen at once."""
         tomb = self._path(kid, "destroyed")
@@ -494,7 +468,7 @@ class DirectoryStore:
         path = self._path(kid, "wrapped")
         with self._lock:
             try:
-                self._link_first(path, record.to_json())
+                create_exclusive(path, record.to_json(), mode=0o600)
             except OSError as exc:
                 raise KeystoreError(f"cannot write {path}: {exc.strerror}") from exc
             winner = self.lookup(kid)
@@ -509,7 +483,7 @@ class DirectoryStore:
     def mark_destroyed(self, marker: Destroyed) -> None:
         """Link the marker file into place (an existing marker is kept)."""
         try:
-            self._link_first(self._path(marker.key_id, "destroyed"), marker.to_json())
+            create_exclusive(self._path(marker.key_id, "destroyed"), marker.to_json(), mode=0o600)
         except OSError as exc:
             raise KeystoreError(
                 f"cannot write the destroyed marker of {marker.key_id}: {exc.strerror}; "
@@ -519,20 +493,9 @@ class DirectoryStore:
     def drop_wrapped(self, kid: str) -> None:
         """Overwrite the record's bytes in place, fsync, unlink (and racing temp files)."""
         path = self._path(kid, "wrapped")
-        for p in [path, *self.directory.glob(f".{path.name}.*.tmp")]:
-            try:
-                fd = os.open(p, os.O_WRONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                size = os.fstat(fd).st_size
-                os.pwrite(fd, secrets.token_bytes(size), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        self._fsync_dir()
+        shred(path)
+        for debris in temp_files(path):
+            shred(debris)
 
     def entries(self) -> list[Entry]:
         """Every record and marker in the directory, sorted by key id."""
