@@ -47,10 +47,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.hmac import HMAC
 
-# fsync_dir and atomic_write (below) are re-exported for retention.py, which imports them
-# from here; it should import service.durable. "X as X" is mypy strict's explicit re-export.
 from service.durable import create_exclusive, replace_file, shred, temp_files
-from service.durable import fsync_dir as fsync_dir  # noqa: PLC0414
 from service.errors import (
     ConfigError,
     KeyDestroyedError,
@@ -256,9 +253,6 @@ class FileHoldRegistry:
             raise KeystoreError(
                 f"cannot write hold registry entry {final}: {exc.strerror}"
             ) from exc
-
-
-atomic_write = replace_file  # re-exported for retention.py: see the imports
 
 
 # -- hold secrets ------------------------------------------------------------------------

@@ -38,14 +38,13 @@ from typing import Any, Protocol
 
 import orjson
 
+from service.durable import fsync_dir, replace_file
 from service.errors import CdranonError, ConfigError, KeyDestroyedError
 from service.holds import (
     Hold,
     HoldRegistry,
     HoldSecrets,
-    atomic_write,
     copy_held,
-    fsync_dir,
     held_key_ids,
 )
 from service.keystore.base import KeyState, Keystore, key_id, split_key_id
@@ -493,7 +492,7 @@ class FileMonthStore:
         path.parent.mkdir(mode=0o700, exist_ok=True)
         kept = [ln for ln in self._hold_lines(hold_id) if kid not in set(held_key_ids([ln]))]
         data = b"".join(ln + b"\n" for ln in [*kept, *records])
-        atomic_write(path, data, mode=0o600)
+        replace_file(path, data, mode=0o600)
 
     def _delete(self, path: Path) -> str | None:
         try:
@@ -523,7 +522,7 @@ class FileMonthStore:
         if removed:
             path = self.out / "rejected.jsonl"
             if kept:
-                atomic_write(path, b"".join(ln + b"\n" for ln in kept), mode=0o600)
+                replace_file(path, b"".join(ln + b"\n" for ln in kept), mode=0o600)
             else:
                 self._delete(path)
         return removed

@@ -21,7 +21,6 @@ import binascii
 import contextlib
 import hmac
 import logging
-import os
 import secrets
 import stat
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from service.durable import create_exclusive
 from service.errors import KeystoreError, MasterKeyError
 
 MASTER_KEY_BYTES: Final = 32
@@ -139,14 +139,6 @@ def _read_key_file(path: Path) -> MasterKey:
     return parse_master_key_text(text, source=source)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _has_wrapped_keys(directory: Path) -> bool:
     return any(p.name != DEV_MASTER_KEY_NAME for p in directory.glob("*.key"))
 
@@ -178,22 +170,8 @@ def _dev_master_key(dev_dir: Path) -> MasterKey:
         )
     text = generate_master_key() + "\n"
     # Same dance as the month keys: replicas starting together must agree on one KEK.
-    tmp = dev_dir / f".{DEV_MASTER_KEY_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, text.encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-            created = True
-        except FileExistsError:
-            created = False
-        finally:
-            tmp.unlink()
-        _fsync_dir(dev_dir)
+        created = create_exclusive(path, text.encode("ascii"), mode=0o600)
     except OSError as exc:
         raise KeystoreError(
             f"cannot write dev master key {path}: {exc.strerror or exc.__class__.__name__}"

@@ -520,6 +520,16 @@ class DirectoryStore:
 # -- the topic store (cdr.keys) ---------------------------------------------------------------
 
 
+def _flush_quietly(producer: Producer) -> None:
+    """Flush a per-key-id producer before dropping it. A producer fenced by another
+    writer raises here; the outcome was already decided by its commit (or not), and the
+    caller's retry loop must see that, not this error."""
+    try:
+        producer.flush(5)
+    except KafkaException as exc:
+        log.info("key record producer not flushed: %s", _kafka_reason(exc))
+
+
 def _kafka_reason(exc: BaseException) -> str:
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         err: KafkaError = exc.args[0]
@@ -769,7 +779,7 @@ class TopicStore:
                     self.sync()
                     current = self.lookup(kid)
             finally:
-                producer.flush(5)
+                _flush_quietly(producer)
             if isinstance(current, Destroyed):
                 raise KeyDestroyedError(kid, current.destroyed_at)
             if current is not None:
@@ -792,7 +802,7 @@ class TopicStore:
                     "run the destroy again"
                 )
         finally:
-            producer.flush(5)
+            _flush_quietly(producer)
         self.sync()
 
     def drop_wrapped(self, kid: str) -> None:
@@ -804,7 +814,7 @@ class TopicStore:
                     f"could not write the tombstone of {kid} to {self.topic}; run the destroy again"
                 )
         finally:
-            producer.flush(5)
+            _flush_quietly(producer)
         self.sync()
 
     def entries(self) -> list[Entry]:
