@@ -10,9 +10,11 @@ Canonical encoding of a record's billing fields, the bytes the digest is taken o
   two inputs that differ only in normalisation keep different digests.
 digest = SHA-256(canonical bytes), written as 64 hex digits in ``billing_digest``.
 
-Per committed batch and output partition, the processor writes the RFC 6962 Merkle root
-of the batch's digests (in offset order) to the audit log with topic, partition and the
-offset range (service/merkle.py); ``cdranon verify`` recomputes both.
+Per batch and month stream, the writer signs the RFC 6962 Merkle root of the batch's
+digests (service/merkle.py) into the audit log: ``cdranon process`` names the line range
+of the month file; ``cdranon run`` names the batch, and each sanitised record carries its
+leaf (``<batch>/<index>``) in a header, since concurrent processors interleave in a
+partition. ``cdranon verify`` recomputes the digests and the roots (service/verify.py).
 """
 
 from __future__ import annotations
