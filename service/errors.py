@@ -69,7 +69,16 @@ class RecordError(CdranonError):
 
 
 class KafkaFatalError(CdranonError):
-    """Kafka reported a fatal error (fenced producer, unrecoverable state); the run ends."""
+    """Kafka reported a fatal error (fenced producer, unrecoverable state); the run ends.
+
+    ``restartable``: new clients can carry on (the client instance is unusable, e.g. fenced
+    after a pause or by its own static-membership rejoin across a broker restart); False
+    for what new clients would meet again (bad credentials, authorisation, configuration).
+    """
+
+    def __init__(self, message: str, *, restartable: bool = False) -> None:
+        super().__init__(message)
+        self.restartable = restartable
 
 
 class AuditError(CdranonError):

@@ -118,6 +118,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.client_restarts = Counter(
+            "cdranon_kafka_client_restarts",
+            "Kafka clients replaced in-process after a restartable fatal error (fenced).",
+            registry=r,
+        )
         self.rebalances = Counter(
             "cdranon_rebalances",
             "Partition assignment changes seen, by kind (assigned, revoked, lost).",

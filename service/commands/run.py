@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -69,9 +70,39 @@ def build_transformer(settings: Settings) -> Transformer:
     )
 
 
-def build_runner(settings: Settings, metrics: Metrics) -> Runner:
+def build_runner(
+    settings: Settings, metrics: Metrics, transformer: Transformer | None = None
+) -> Runner:
     """A Runner wired to the policy, keystore and transform the settings name."""
-    return Runner(settings, build_transformer(settings), metrics)
+    return Runner(settings, transformer or build_transformer(settings), metrics)
+
+
+# New Kafka clients after a restartable fatal error (fenced after a pause, or by the static
+# consumer's own rejoin across a broker restart): at most this many within the window,
+# so two instances misconfigured with one instance_id cannot fence each other for ever.
+CLIENT_RESTARTS = 5
+CLIENT_RESTART_WINDOW_S = 600.0
+
+
+class RestartBudget:
+    """At most ``limit`` restarts within any ``window_s`` seconds."""
+
+    def __init__(self, limit: int = CLIENT_RESTARTS, window_s: float = CLIENT_RESTART_WINDOW_S):
+        self.limit = limit
+        self.window_s = window_s
+        self._times: list[float] = []
+
+    def left(self, now: float) -> int:
+        """Restarts still allowed at ``now``."""
+        return self.limit - sum(1 for t in self._times if now - t < self.window_s)
+
+    def take(self, now: float) -> bool:
+        """Spend one restart at ``now`` (monotonic); False if the budget is used up."""
+        self._times = [t for t in self._times if now - t < self.window_s]
+        if len(self._times) >= self.limit:
+            return False
+        self._times.append(now)
+        return True
 
 
 def start_metrics(settings: Settings, metrics: Metrics) -> MetricsServer | None:
@@ -108,27 +139,54 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     if getattr(args, "engine", "confluent") == "faust":
         return _run_faust(settings, metrics)
-    runner = build_runner(settings, metrics)
+    transformer = build_transformer(settings)
+    runner = build_runner(settings, metrics, transformer)
     server = start_metrics(settings, metrics)
+    stopping: list[bool] = []  # appended to by the handler (a flag mypy can follow)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.append(True)
         log_event(_LOG, "stop_requested", signal=signal.Signals(signum).name)
         runner.request_stop()
         # A second signal interrupts at once (KeyboardInterrupt: exit 130).
         signal.signal(signum, signal.default_int_handler)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    budget = RestartBudget()
+    # Runners given up on: kept referenced, since destroying clients with a call still
+    # blocked on a helper thread can hang (the process then ends with os._exit below).
+    retired: list[Runner] = []
     try:
-        runner.run()
-    except KafkaFatalError as exc:
-        log_exception(_LOG, "fatal", exc)
-        raise
+        while True:
+            try:
+                runner.run()
+                break
+            except KafkaFatalError as exc:
+                if not exc.restartable or stopping or not budget.take(time.monotonic()):
+                    log_exception(_LOG, "fatal", exc)
+                    raise
+                # Kafka Streams does the same on a fencing: close dirty, rejoin. The open
+                # transaction is aborted by the new producer's init_transactions (or by
+                # the group generation), and the batch is read again from the committed
+                # offsets.
+                log_event(
+                    _LOG,
+                    "kafka_clients_restarting",
+                    level=logging.ERROR,
+                    error=str(exc),
+                    restarts_left=budget.left(time.monotonic()),
+                )
+                metrics.client_restarts.inc()
+                retired.append(runner)
+                runner = build_runner(settings, metrics, transformer)
+                if stopping:
+                    runner.request_stop()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         if server is not None:
             server.close()
-    if not runner.clean_exit:
+    if not runner.clean_exit or any(not r.clean_exit for r in retired):
         # A Kafka call is still blocked on a helper thread (the broker did not answer within
         # batch.stop_grace_s, or a stuck producer was replaced): librdkafka's destructors
         # would wait for it at interpreter exit. Nothing is left to save: the open

@@ -91,6 +91,14 @@ _LATENCY_SAMPLES = 32
 _POLL_EVERY = 1024
 # Client errors that retrying cannot cure: the processor stops (fails closed) with them.
 _AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+_FENCING = frozenset(
+    {
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.FENCED_INSTANCE_ID,
+    }
+)
 _DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes default
 _REJECTED_ROOM = 64 * 1024  # for the key, the headers and the record overhead
 
@@ -323,7 +331,13 @@ class Runner:
             )
         elif closing.error is not None:
             raise closing.error
-        remaining = self._producer.flush(10)
+        try:
+            remaining = self._producer.flush(10)
+        except KafkaException as exc:
+            # A fenced or fatal producer raises here; what it held was never committed, and
+            # the error that ended the run (if any) must not be replaced by this one.
+            log_event(_LOG, "producer_flush_failed", level=logging.WARNING, error=str(exc))
+            return
         if remaining:
             log_event(_LOG, "producer_not_drained", level=logging.WARNING, messages=remaining)
 
@@ -402,7 +416,9 @@ class Runner:
             if err is None:
                 out.append(msg)
                 continue
-            if err.fatal():
+            # A fatal consumer error can arrive as a message with code _FATAL whose
+            # fatal() is False (e.g. the static member fenced by its own rejoin).
+            if err.fatal() or err.code() == KafkaError._FATAL:
                 raise _fatal_error(err, "consumer")
             log_event(
                 _LOG,
@@ -925,20 +941,21 @@ def _fatal_error(err: KafkaError, where: str) -> KafkaFatalError:
     hint = (
         "another processor with a newer epoch or consumer-group generation took over "
         "(fenced): this instance stops without committing"
-        if err.code()
-        in (
-            KafkaError._FENCED,
-            KafkaError.PRODUCER_FENCED,
-            KafkaError.INVALID_PRODUCER_EPOCH,
-            KafkaError.FENCED_INSTANCE_ID,
-        )
+        if err.code() in _FENCING
         else "authentication or TLS failed (wrong SASL credentials, an untrusted certificate "
         "or one for another host): nothing was read or written; fix [kafka.librdkafka] "
         "security settings"
         if err.code() in _AUTH_ERRORS
         else "nothing of the open batch was committed; check the broker and the [kafka] settings"
     )
-    return KafkaFatalError(f"fatal Kafka error in {where}: {err.name()}: {err.str()}; {hint}")
+    # Fenced or fatal client state: fresh clients (same transactional id, same group) fence
+    # what is left of these and resume from the committed offsets, so exactly once holds.
+    restartable = err.code() not in _AUTH_ERRORS and (
+        err.fatal() or err.code() in _FENCING or err.code() == KafkaError._FATAL
+    )
+    return KafkaFatalError(
+        f"fatal Kafka error in {where}: {err.name()}: {err.str()}; {hint}", restartable=restartable
+    )
 
 
 def _stats_fields(s: RunStats) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """Scenario 2: the broker restarts under a running processor, once cleanly (SIGTERM) and
 once with SIGKILL, on the same port and data: the same process recovers by itself (no
-restart, no manual action) and the outputs hold every input exactly once.
+process restart, no manual action; it may replace its Kafka clients) and the outputs hold
+every input exactly once.
 
 The broker is the test's own (tests/reliability/support.py: DedicatedBroker), not the
 session broker that other tests share.
@@ -50,14 +51,6 @@ def _committed(bootstrap: str, group: str, topic: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known, not fixed (see docs/reliability.md): across a broker restart librdkafka "
-    "2.16 can lose the transaction coordinator and send_offsets_to_transaction then ignores "
-    "its timeout (librdkafka issues 5456/5511). The runner now retries timed-out calls and "
-    "replaces a producer stuck for 45 s (fencing it), but the static consumer can then be "
-    "fenced by its own rejoin (fatal), so the same process does not always recover",
-)
 def test_processor_survives_clean_and_hard_broker_restarts(
     broker: DedicatedBroker, tmp_path: Path, scale: Scale
 ) -> None:
@@ -107,15 +100,24 @@ def test_processor_survives_clean_and_hard_broker_restarts(
                 wait_until(
                     f"progress after the {how} restart",
                     lambda b=before: _committed(bootstrap, group, names.raw) > b + 300,
-                    timeout_s=60,
+                    # librdkafka can stall a transaction call past its timeout after the
+                    # restart (issues 5456/5511): the watchdog replaces the producer at 45 s,
+                    # and a static consumer fenced by its own rejoin gets new clients.
+                    timeout_s=150,
                 )
             except AssertionError as exc:
-                tail = [d for d in proc.lines[mark:] if d.get("level") != "debug"][-25:]
+                # Connection failures repeat during the outage and hide the rest.
+                tail = [
+                    d
+                    for d in proc.lines[mark:]
+                    if d.get("level") != "debug" and not str(d.get("event", "")).startswith("FAIL")
+                ][-25:]
                 raise AssertionError(f"{exc}; processor since the outage: {tail}") from None
             assert proc.proc.poll() is None, proc.raw[-5:]
             outages.append(f"{how}@{before}")
         wait_all_committed(bootstrap, group, names.raw, timeout_s=300)
-        assert proc.count("runner_starting") == 1
+        # The same process throughout (new clients inside it are allowed: no manual action).
+        assert proc.proc.poll() is None, proc.raw[-5:]
         assert proc.terminate() == 0, proc.raw[-5:]
     finally:
         proc.close()
@@ -126,5 +128,6 @@ def test_processor_survives_clean_and_hard_broker_restarts(
     assert verdict.sanitised + verdict.rejected == n
     print(
         f"broker restarts: {outages}, aborted {proc.count('transaction_aborting')}, "
-        f"stuck producers replaced {proc.count('producer_stuck')}"
+        f"stuck producers replaced {proc.count('producer_stuck')}, "
+        f"client restarts {proc.count('kafka_clients_restarting')}"
     )

@@ -162,12 +162,15 @@ def test_a_frozen_processor_is_fenced_and_its_output_never_visible(
         thawed_at = len(zombie.lines)
         zombie.proc.send_signal(18)  # SIGCONT
         frozen = False
-        # The zombie reacts: an aborted transaction or a fatal exit, never a commit of the
+        # The zombie reacts: an aborted transaction, new clients or a fatal exit; never a
         # frozen batch (checked below through the outputs).
         wait_until(
             "the zombie notices it was fenced",
             lambda: (
-                zombie.count("transaction_aborting") + zombie.count("fatal") > 0
+                zombie.count("transaction_aborting")
+                + zombie.count("fatal")
+                + zombie.count("kafka_clients_restarting")
+                > 0
                 or zombie.proc.poll() is not None
             ),
             timeout_s=60,
@@ -186,8 +189,12 @@ def test_a_frozen_processor_is_fenced_and_its_output_never_visible(
     # timed-out commit or the group's new generation) or the process stopped: never
     # committed, which the exactly-once check below shows.
     after = zombie.lines[thawed_at:]
-    reactions = [d.get("code") for d in after if d.get("event") == "transaction_aborting"]
-    assert reactions or zombie.count("fatal") or zombie.proc.returncode not in (None, 0), after[-5:]
+    reactions = [
+        d.get("event")
+        for d in after
+        if d.get("event") in ("transaction_aborting", "fatal", "kafka_clients_restarting")
+    ]
+    assert reactions or zombie.proc.returncode not in (None, 0), after[-5:]
     out = read_outputs(kafka_bootstrap, prefix, len(sent.values))
     assert exactly_once(sent, out) == (0, 0)
     verdict = check_invariants(sent, out, prefix, f"file://{keys}", env)
