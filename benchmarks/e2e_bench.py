@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 # NewTopic lives in cimpl; confluent_kafka.admin re-exports it without declaring it.
@@ -65,6 +65,14 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH = 10_000
 SOFTHSM_SH = REPO / "scripts" / "softhsm.sh"
 PIN_ENV = "CDRANON_HSM_PIN"
+_COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError._TIMED_OUT,
+    }
+)
 
 
 def _softhsm_token() -> tuple[str, dict[str, str]]:
@@ -186,6 +194,11 @@ def _committed(bootstrap: str, group: str, topic: str, parts: int) -> int:
     try:
         got = c.committed([TopicPartition(topic, p) for p in range(parts)], timeout=10)
         return sum(max(0, tp.offset) for tp in got)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and err.code() in _COORDINATOR_MOVING:
+            return -1  # a young broker's group coordinator is loading: ask again
+        raise
     finally:
         c.close()
 
