@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import logging
 import os
@@ -55,6 +56,12 @@ FORMAT_VERSION: Final = 1
 KEY_SUFFIX: Final = ".key"
 TOMBSTONE_SUFFIX: Final = ".destroyed"
 _FILE_NAME = re.compile(r"^(\d{4}-\d{2})\.([a-z0-9][a-z0-9_-]{0,31})\.(key|destroyed)$")
+# A directory that takes no new file now (made read-only, remounted read-only, its owner
+# or mode changed, the volume full) while existing keys still read: an operator can fix
+# it while the process waits, so a new month pauses rather than ending the run.
+_CANNOT_WRITE_NOW: Final = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+)
 
 log = logging.getLogger("cdranon.keystore")
 
@@ -227,7 +234,11 @@ class FileKeystore:
             return self._unwrap(kid, path, doc)
 
     def create_if_absent(self, kid: str) -> bytes:
-        """Create the month secret unless it exists (atomically); return the winner's."""
+        """Create the month secret unless it exists (atomically); return the winner's.
+
+        KeystoreUnavailableError if the directory is gone or takes no new file now
+        (read-only, permission denied, full): no key was created, the caller retries.
+        """
         with self._lock:
             self._require_directory()
             master = self._require_master()
@@ -256,6 +267,12 @@ class FileKeystore:
                 self._raise_if_destroyed(kid)
                 raise KeystoreError(f"could not create {path}: temporary file vanished") from None
             except OSError as exc:
+                if exc.errno in _CANNOT_WRITE_NOW:
+                    raise KeystoreUnavailableError(
+                        f"keystore directory {self.directory} does not accept the new key "
+                        f"file of {kid}: {_reason(exc)} (read-only, not writable by this "
+                        "user, or full?); processing pauses until it can be written"
+                    ) from exc
                 raise KeystoreError(f"cannot write key file {path}: {_reason(exc)}") from exc
             # A destroy may have written its tombstone between our check and our link:
             # a destroyed month must never end up with a key, so undo ours.

@@ -144,13 +144,22 @@ def write_config(
 class Processor:
     """One ``cdranon run`` subprocess with its log lines collected."""
 
-    def __init__(self, config: Path, env: dict[str, str], name: str = "p") -> None:
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str],
+        name: str = "p",
+        *,
+        prefix_cmd: Sequence[str] = (),
+    ) -> None:
+        """``prefix_cmd``: a command the processor runs under, e.g. ``setpriv --reuid=...``
+        to run it as an unprivileged user (root ignores file modes)."""
         self.name = name
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "run", "--config", str(config)],
+            [*prefix_cmd, sys.executable, "-m", "service.cli", "run", "--config", str(config)],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=subprocess.DEVNULL,

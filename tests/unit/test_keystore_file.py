@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from service.errors import ConfigError, KeyDestroyedError, KeystoreError, MasterKeyError
+from service.errors import (
+    ConfigError,
+    KeyDestroyedError,
+    KeystoreError,
+    KeystoreUnavailableError,
+    MasterKeyError,
+)
 from service.keystore import (
     SECRET_BYTES,
     FileKeystore,
@@ -27,7 +36,9 @@ from service.keystore import (
     load_master_key,
     open_keystore,
 )
+from tests.unprivileged import hand_over, shared_tmp, unprivileged_prefix
 
+REPO = Path(__file__).resolve().parents[2]
 KID = "2025-11/default"
 
 
@@ -156,6 +167,106 @@ def test_threads_racing_create_get_the_same_secret(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         secrets = set(pool.map(lambda _: ks.create_if_absent(KID), range(32)))
     assert len(secrets) == 1
+
+
+# -- a directory that takes no new file -------------------------------------------------
+
+NEW_KID = "2025-10/default"
+
+
+def read_only_child(directory: str) -> None:
+    """Run as an unprivileged user by the test below: the directory turns read-only
+    between two months' creations, then writable again. Prints what it saw as JSON."""
+    keys = Path(directory)
+    ks = FileKeystore(keys, _master())
+    first = ks.create_if_absent(KID)
+    keys.chmod(0o555)
+    seen: dict[str, object] = {}
+    try:
+        ks.create_if_absent(NEW_KID)
+        seen["error"] = None
+    except KeystoreUnavailableError as exc:
+        seen["error"] = str(exc)
+    seen["old_key_reads"] = ks.get(KID) == first
+    seen["new_key_absent"] = ks.get(NEW_KID) is None
+    seen["listing_read_only"] = sorted(os.listdir(keys))
+    keys.chmod(0o700)
+    second = ks.create_if_absent(NEW_KID)
+    seen["new_key_after"] = ks.get(NEW_KID) == second != first
+    seen["listing_after"] = sorted(os.listdir(keys))
+    print(json.dumps(seen))
+
+
+def test_read_only_directory_pauses_a_new_month_until_writable() -> None:
+    """A real read-only directory (mode 0555, as a user file modes bind): creating a new
+    month is KeystoreUnavailableError (the runner pauses), not a hard error that ends the
+    run; existing keys still read, nothing is written, and creation works once writable."""
+    with shared_tmp("cdranon-ro-unit-") as work:
+        keys = hand_over(work / "keys")
+        done = subprocess.run(
+            [
+                *unprivileged_prefix(),
+                sys.executable,
+                "-c",
+                "import sys; from tests.unit.test_keystore_file import read_only_child; "
+                "read_only_child(sys.argv[1])",
+                str(keys),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout)
+    error = seen["error"]
+    assert error is not None, "creating a key in a read-only directory did not fail"
+    assert f"keystore directory {keys} does not accept the new key file of {NEW_KID}" in error
+    assert "Permission denied" in error
+    assert seen["old_key_reads"] is True
+    assert seen["new_key_absent"] is True
+    assert seen["listing_read_only"] == ["2025-11.default.key"]  # not even a temporary file
+    assert seen["new_key_after"] is True
+    assert seen["listing_after"] == ["2025-10.default.key", "2025-11.default.key"]
+
+
+@pytest.mark.parametrize(
+    "code", [errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC], ids=errno.errorcode.get
+)
+def test_directory_refusing_new_files_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """What a read-only remount (EROFS) or a full volume looks like: the same pause."""
+    ks = _store(tmp_path)
+
+    def refuse(final: Path, data: bytes, *, mode: int = 0o600) -> bool:
+        raise OSError(code, os.strerror(code), str(final))
+
+    monkeypatch.setattr("service.keystore.file.create_exclusive", refuse)
+    with pytest.raises(KeystoreUnavailableError, match=os.strerror(code)) as info:
+        ks.create_if_absent(KID)
+    assert str(tmp_path / "keys") in str(info.value)
+    monkeypatch.undo()
+    assert ks.get(KID) is None
+    assert len(ks.create_if_absent(KID)) == SECRET_BYTES
+
+
+def test_other_write_errors_stay_hard_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error is no state an operator flips back: it ends the run, naming the file."""
+    ks = _store(tmp_path)
+
+    def broken(final: Path, data: bytes, *, mode: int = 0o600) -> bool:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(final))
+
+    monkeypatch.setattr("service.keystore.file.create_exclusive", broken)
+    with pytest.raises(
+        KeystoreError, match=r"cannot write key file .*2025-11\.default\.key"
+    ) as info:
+        ks.create_if_absent(KID)
+    assert not isinstance(info.value, KeystoreUnavailableError)
 
 
 # -- destruction ------------------------------------------------------------------------
