@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -17,7 +18,12 @@ import pytest
 from pkcs11 import Attribute, KeyType
 from pkcs11 import exceptions as p11e
 
-from service.errors import ConfigError, KeyDestroyedError, KeystoreError
+from service.errors import (
+    ConfigError,
+    KeyDestroyedError,
+    KeystoreError,
+    KeystoreUnavailableError,
+)
 from service.keyring import Keyring
 from service.keystore import KeyState, WrappedKeystore, key_id, open_keystore
 from service.keystore.pkcs11 import Pkcs11Wrapper, parse_pkcs11_url
@@ -315,3 +321,72 @@ def test_keks_are_on_the_token_not_in_the_session(softhsm_token: SoftHsmToken, k
     finally:
         w2.close()
     assert _fresh_search(softhsm_token, kid) == []
+
+
+def _close_all_sessions(token: SoftHsmToken) -> None:
+    """C_CloseAllSessions on the token's slot, called into SoftHSM2 itself.
+
+    Every session this process has on the token is gone, and with the last one its login:
+    what a restarted or unplugged HSM, or a dropped link to a network HSM, leaves behind
+    (stale handles answered with CKR_SESSION_HANDLE_INVALID). SoftHSM2 runs inside the
+    process that uses it, so nothing outside the process can take its sessions away; the
+    module's own call is the nearest to that, and the keystore's code takes no part in it.
+    python-pkcs11 does not expose the call: ctypes reaches the module already loaded (the
+    same path gives the same library and state).
+    """
+    slot = pkcs11.lib(token.module).get_token(token_label=token.label).slot.slot_id
+    module = ctypes.CDLL(token.module)
+    module.C_CloseAllSessions.argtypes = [ctypes.c_ulong]
+    module.C_CloseAllSessions.restype = ctypes.c_ulong
+    assert module.C_CloseAllSessions(slot) == 0  # CKR_OK
+
+
+# python-pkcs11 finishes a search whose C_FindObjectsInit failed (the dead session) again
+# in the search object's __del__, which fails the same way: an "Exception ignored" report
+# from the library, not from the keystore, which has already raised its own error.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. 'pkcs11._pkcs11.OperationContext.__del__'"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+def test_lost_session_pauses_then_logs_in_again(
+    ks: WrappedKeystore, kid: str, softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
+    """Scenario 9, HSM part: the session is lost under a keystore in use. The documented
+    contract (module docstring): the next call raises KeystoreUnavailableError (the runner
+    pauses, nothing is written), the session is opened and logged in again on the call
+    after; the same secret comes back and nothing is created twice."""
+    secret = ks.create_if_absent(kid)
+    assert ks.get(kid) == secret
+    _close_all_sessions(softhsm_token)
+    with pytest.raises(KeystoreUnavailableError, match=f"unreachable while unwrapping {kid}") as e:
+        ks.get(kid)
+    assert isinstance(e.value.__cause__, p11e.SessionHandleInvalid)  # the session did die
+    assert softhsm_token.pin not in str(e.value)
+    assert ks.get(kid) == secret  # a new session, logged in again
+
+    # As the processor meets it: its keyring's periodic re-check of a cached month key
+    # (every call here) fails once, keeps the cached key, and then answers again.
+    keyring = Keyring(ks, recheck_s=0.0)
+    keys = keyring.get(kid)
+    _close_all_sessions(softhsm_token)
+    with pytest.raises(KeystoreUnavailableError):
+        keyring.get(kid)
+    assert keyring.get(kid) is keys
+
+    # A new month while the session is gone: no KEK and no record made, then exactly one.
+    new = key_id("2025-12", kid.split("/")[1])
+    _close_all_sessions(softhsm_token)
+    with pytest.raises(KeystoreUnavailableError, match=f"creating the KEK of {new}"):
+        ks.create_if_absent(new)
+    assert ks.get(new) is None
+    assert _fresh_search(softhsm_token, new) == []
+    created = ks.create_if_absent(new)
+    assert created != secret
+    assert ks.get(new) == created
+    assert len(_fresh_search(softhsm_token, new)) == 1
+    assert len(_fresh_search(softhsm_token, kid)) == 1
+    month, cls = kid.split("/")
+    assert sorted(f.name for f in (tmp_path / "wrapped").glob("*.wrapped")) == [
+        f"{month}.{cls}.wrapped",
+        f"2025-12.{cls}.wrapped",
+    ]
