@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from service.runtime import tune_gc
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -62,6 +64,7 @@ def rounds(fn: Callable[[], object], n: int, warmup: int = 1) -> list[float]:
     time unevenly between rounds, which would make the ratios noise. The code measured
     here is single-threaded and does no I/O, so its CPU time is its cost.
     """
+    tune_gc()  # the collector settings the service runs with (service/runtime.py)
     for _ in range(warmup):
         fn()
     out = []

@@ -41,8 +41,10 @@ def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
         return EMPTY_ROOT
     level = list(hashes)
     while len(level) > 1:
-        # node_hash inlined, pairs by zip of slices: a month is millions of nodes.
-        nxt = [sha256(NODE + a + b).digest() for a, b in zip(level[0::2], level[1::2])]
+        # node_hash inlined, pairs by zip of slices: a month is millions of nodes. Not
+        # strict: an odd last node has no partner and is promoted below.
+        pairs = zip(level[0::2], level[1::2], strict=False)
+        nxt = [sha256(NODE + a + b).digest() for a, b in pairs]
         if len(level) % 2:
             nxt.append(level[-1])
         level = nxt

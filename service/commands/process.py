@@ -27,6 +27,7 @@ from service.errors import ConfigError
 from service.keyring import Keyring
 from service.keystore import open_keystore
 from service.months import rfc3339, to_ms
+from service.runtime import tune_gc
 from service.transform import Transformer
 
 
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if integrity
         else None
     )
+    tune_gc()
     with _open_input(args.input) as (stream, size):
         bar: Any = None
         if not args.no_progress and sys.stderr.isatty():

@@ -21,6 +21,7 @@ from service.logs import log_event, log_exception, setup_logging
 from service.metrics import Metrics, MetricsServer, serve
 from service.months import zone
 from service.policy import load_policy
+from service.runtime import tune_gc
 from service.transform import Transformer
 
 _LOG = logging.getLogger("cdranon.run")
@@ -125,6 +126,7 @@ def _run_faust(settings: Settings, metrics: Metrics) -> int:
 
     transformer = build_transformer(settings)
     server = start_metrics(settings, metrics)
+    tune_gc()
     try:
         return run_faust(settings, transformer, metrics)
     finally:
@@ -142,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     transformer = build_transformer(settings)
     runner = build_runner(settings, metrics, transformer)
     server = start_metrics(settings, metrics)
+    tune_gc()
     stopping: list[bool] = []  # appended to by the handler (a flag mypy can follow)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
