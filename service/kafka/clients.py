@@ -64,7 +64,6 @@ def consumer_config(
     conf = _common(settings)
     conf.update(
         {
-            "auto.offset.reset": "earliest",
             "session.timeout.ms": k.session_timeout_ms,
             # A batch of max_records is fetched at once; let librdkafka prefetch about one.
             "queued.max.messages.kbytes": 65536,
@@ -74,6 +73,9 @@ def consumer_config(
     conf.update(
         {
             "group.id": k.group_id,
+            # Not overridable: a partition without a committed offset must be read from
+            # its start ("latest" would skip CDRs), and the runner's rewind relies on it.
+            "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "isolation.level": "read_committed",

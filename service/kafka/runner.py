@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -363,6 +364,13 @@ class Runner:
         self._drop(partitions, "revoked")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # As on revoke: settle the in-flight commit first. A static member that lost its
+        # partitions (session timed out while the broker was away) can rejoin under the
+        # same generation; a commit still in flight could then land after the offsets of
+        # the re-assigned partitions were fetched, and its batch would be read twice.
+        self._finish_pending()
+        if self._in_txn:
+            self._abort_quietly()
         self._drop(partitions, "lost")
 
     def _drop(self, partitions: list[TopicPartition], kind: str) -> None:
@@ -797,18 +805,34 @@ class Runner:
         mine = [TopicPartition(t, p) for (t, p) in first if (t, p) in self._assigned]
         if not mine:
             return
-        try:
-            committed = self._consumer.committed(mine, timeout=_TXN_TIMEOUT_S)
-        except KafkaException as exc:
-            # The batch's first offsets are where the committed offsets were when it was
-            # read (every batch either commits or is rewound to them).
-            log_event(_LOG, "committed_unavailable", level=logging.WARNING, error=str(exc))
-            committed = [
-                TopicPartition(x.topic, x.partition, first[(x.topic, x.partition)]) for x in mine
-            ]
+        # Only the group's committed offsets say where to resume: never a guess. After a
+        # stuck producer is replaced, its transaction may have committed after all (the
+        # coordinator completes a prepared commit), and with pipelining two batches are
+        # rewound one after the other; guessing from a batch's own first offsets
+        # duplicated a batch across a broker restart (reliability scenario 2).
+        delay = self._s.retry.backoff_initial_s
+        while True:
+            try:
+                committed = self._consumer.committed(mine, timeout=_TXN_TIMEOUT_S)
+                break
+            except KafkaException as exc:
+                log_event(
+                    _LOG,
+                    "committed_unavailable",
+                    level=logging.WARNING,
+                    error=str(exc),
+                    retry_in_s=round(delay, 3),
+                )
+                self._check_stop_grace("rewind")
+                self._m.retries.labels("broker").inc()
+                time.sleep(delay)  # the group coordinator is away; ask again
+                delay = min(delay * 2, self._s.retry.backoff_max_s)
         to: dict[str, int] = {}
         for c in committed:
-            offset = c.offset if c.offset >= 0 else first[(c.topic, c.partition)]
+            # No committed offset yet: from the beginning, where a new owner would start
+            # (auto.offset.reset = earliest), not from this batch (an earlier uncommitted
+            # batch of the partition may have been rewound just before).
+            offset = c.offset if c.offset >= 0 else OFFSET_BEGINNING
             self._consumer.seek(TopicPartition(c.topic, c.partition, offset))
             to[str(c.partition)] = offset
         log_event(_LOG, "rewound", partitions=to)

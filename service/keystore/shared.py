@@ -520,6 +520,12 @@ class DirectoryStore:
 # -- the topic store (cdr.keys) ---------------------------------------------------------------
 
 
+# How long one wait for new key records may block. Short waits wake the follower (and
+# take the GIL from the processor's transform) often for nothing: records are rare, and
+# a sync() request is answered within one wait.
+_FOLLOW_POLL_S = 0.5
+
+
 def _flush_quietly(producer: Producer) -> None:
     """Flush a per-key-id producer before dropping it. A producer fenced by another
     writer raises here; the outcome was already decided by its commit (or not), and the
@@ -660,7 +666,7 @@ class TopicStore:
         last_check = 0.0
         while not self._stop.is_set():
             try:
-                msgs = self._consumer.consume(500, timeout=0.1)
+                msgs = self._consumer.consume(500, timeout=_FOLLOW_POLL_S)
                 with self._cond:
                     for m in msgs:
                         err = m.error()

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from confluent_kafka import (
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
@@ -29,6 +30,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
+
+# confluent_kafka.admin re-exports OffsetSpec without declaring it.
+from confluent_kafka.admin._listoffsets import OffsetSpec
 
 from service.kafka.topics import TopicNames
 from service.keyring import Keyring
@@ -320,6 +324,49 @@ def wait_all_committed(bootstrap: str, group: str, topic: str, timeout_s: float 
         done, high = committed_total(bootstrap, group, topic)
 
 
+def lso_and_high(admin: AdminClient, prefix: str) -> tuple[dict[TopicPartition, int], ...]:
+    """(last stable offsets, high watermarks) of every output partition of ``prefix``:
+    where they differ, a transaction is open."""
+    names = TopicNames(prefix)
+    md = admin.list_topics(timeout=10)
+    tps = [
+        TopicPartition(t, p)
+        for t, tm in md.topics.items()
+        if t == names.rejected or t.startswith((prefix + ".sealed.", prefix + ".sanitised."))
+        for p in tm.partitions
+    ]
+    out = []
+    for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED):
+        futs = admin.list_offsets(
+            {tp: OffsetSpec.latest() for tp in tps},  # type: ignore[no-untyped-call]
+            isolation_level=level,
+            request_timeout=15,
+        )
+        out.append(
+            {TopicPartition(tp.topic, tp.partition): f.result().offset for tp, f in futs.items()}
+        )
+    return tuple(out)
+
+
+def wait_no_open_transactions(bootstrap: str, prefix: str, timeout_s: float = 120.0) -> None:
+    """Wait until no output partition of ``prefix`` has an open transaction.
+
+    A processor that exited without committing (SIGKILL, or a stop past its grace) leaves
+    its transaction for the broker to abort after transaction.timeout.ms; until then a
+    read_committed reader stops at it and would miss every record after it.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lso, high = lso_and_high(admin, prefix)
+        open_tps = [f"{tp.topic}/{tp.partition}" for tp, o in lso.items() if o < high[tp]]
+        if not open_tps:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"transactions still open after {timeout_s}s: {open_tps[:5]}")
+        time.sleep(0.5)  # the broker aborts timed-out transactions on its own schedule
+
+
 @dataclass
 class Outputs:
     """Everything the processors committed, read with read_committed."""
@@ -332,6 +379,7 @@ class Outputs:
 def read_outputs(bootstrap: str, prefix: str, expected_inputs: int) -> Outputs:
     """Read every output topic of ``prefix`` to its end (after sanitised + rejected arrived)."""
     names = TopicNames(prefix)
+    wait_no_open_transactions(bootstrap, prefix)
     admin = AdminClient({"bootstrap.servers": bootstrap})
     topics = sorted(
         t

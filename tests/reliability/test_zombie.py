@@ -13,12 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import IsolationLevel, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 # confluent_kafka.admin re-exports OffsetSpec without declaring it.
-from confluent_kafka.admin._listoffsets import OffsetSpec
-
 from service.generator import generate_cdrs
 from service.kafka.topics import TopicNames
 from service.keystore import generate_master_key
@@ -28,6 +25,7 @@ from tests.integration.run_support import (
     Processor,
     check_invariants,
     committed_total,
+    lso_and_high,
     produce_input,
     read_outputs,
     recent_months,
@@ -41,36 +39,14 @@ N = 20_000
 CHUNK = 2_000
 
 
-def _lso_and_high(admin: AdminClient, prefix: str) -> tuple[dict[TopicPartition, int], ...]:
-    names = TopicNames(prefix)
-    md = admin.list_topics(timeout=10)
-    tps = [
-        TopicPartition(t, p)
-        for t, tm in md.topics.items()
-        if t == names.rejected or t.startswith((prefix + ".sealed.", prefix + ".sanitised."))
-        for p in tm.partitions
-    ]
-    out = []
-    for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED):
-        futs = admin.list_offsets(
-            {tp: OffsetSpec.latest() for tp in tps},  # type: ignore[no-untyped-call]
-            isolation_level=level,
-            request_timeout=15,
-        )
-        out.append(
-            {TopicPartition(tp.topic, tp.partition): f.result().offset for tp, f in futs.items()}
-        )
-    return tuple(out)
-
-
 def _stuck_partitions(
     admin: AdminClient, prefix: str, watch_s: float = 1.5
 ) -> set[tuple[str, int]]:
     """Output partitions with an open transaction that stays open for ``watch_s`` while the
     other processor keeps committing: the frozen processor's transaction."""
-    lso0, high0 = _lso_and_high(admin, prefix)
+    lso0, high0 = lso_and_high(admin, prefix)
     time.sleep(watch_s)  # the other processor commits every few hundred ms meanwhile
-    lso1, _ = _lso_and_high(admin, prefix)
+    lso1, _ = lso_and_high(admin, prefix)
     return {
         (tp.topic, tp.partition)
         for tp, lso in lso0.items()
