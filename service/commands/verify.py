@@ -80,8 +80,8 @@ def register(subparsers: Any) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="processes that parse and hash records (default 1; more pays off only on "
-        "idle cores: records are copied to the workers)",
+        help="processes that parse and hash records (default 1; forked workers share "
+        "the month read into memory: use the idle cores)",
     )
     add_policy_flag(p)
     add_config_flag(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hashlib import sha256
 from pathlib import Path
 
 import orjson
@@ -10,7 +11,7 @@ import pytest
 from service.integrity import DIGEST_FIELD, added_fields, billing_part, digest
 from service.merkle import verify_inclusion
 from service.policy import load_policy
-from service.verify import RootEvent, proof_for, root_event_details, verify_stream
+from service.verify import RootEvent, leaves_of, proof_for, root_event_details, verify_stream
 from tests.unit.core_helpers import cdr, make_transformer, now_ms, raw
 
 ADDED = added_fields(load_policy())
@@ -128,3 +129,21 @@ def test_third_party_proof(stream: tuple[list[tuple[int, bytes]], list[RootEvent
         bytes.fromhex(proof["root"]),
     )
     assert proof_for("nope", "s", records, roots, ADDED) is None
+
+
+def test_leaves_on_forked_workers_equal_the_single_process_ones() -> None:
+    """--jobs N: the same leaves, in order, for good, altered and non-object records."""
+    added = frozenset({"month", "billing_digest"})
+    values: list[bytes] = []
+    for i in range(60_000):
+        billing = {"cdr_id": f"id-{i}", "price": i / 7, "currency": "EUR"}
+        digest = sha256(orjson.dumps(billing, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        doc = {**billing, "month": "2026-10", "billing_digest": digest}
+        if i % 997 == 0:
+            doc["price"] = -1  # altered after the digest
+        values.append(b"[1, 2]" if i % 1499 == 0 else orjson.dumps(doc))
+    single = leaves_of(values, added, jobs=1)
+    forked = leaves_of(values, added, jobs=2)
+    assert forked == single
+    assert sum(1 for d, _, ok in single if d is not None and not ok) > 0
+    assert sum(1 for d, _, _ in single if d is None) > 0
