@@ -355,25 +355,23 @@ class Runner:
         )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # consume() runs between transactions, but with pipelining the previous batch may
-        # still be committing on the helper thread: finish it (or abort it) first, so no
-        # transaction is open when the partitions are given up.
-        self._finish_pending()
-        if self._in_txn:
-            self._abort_quietly()
         self._drop(partitions, "revoked")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # As on revoke: settle the in-flight commit first. A static member that lost its
-        # partitions (session timed out while the broker was away) can rejoin under the
-        # same generation; a commit still in flight could then land after the offsets of
-        # the re-assigned partitions were fetched, and its batch would be read twice.
-        self._finish_pending()
-        if self._in_txn:
-            self._abort_quietly()
         self._drop(partitions, "lost")
 
     def _drop(self, partitions: list[TopicPartition], kind: str) -> None:
+        """Give partitions up (revoked or lost), with no transaction left open.
+
+        consume() runs between transactions, but with pipelining the previous batch may
+        still be committing on the helper thread: finish it (or abort it) first. On lost
+        too: a static member that lost its partitions (session timed out while the broker
+        was away) can rejoin under the same generation, and a commit still in flight could
+        land after the re-assigned partitions' offsets were fetched: read twice.
+        """
+        self._finish_pending()
+        if self._in_txn:
+            self._abort_quietly()
         self._assigned.difference_update((p.topic, p.partition) for p in partitions)
         self._m.rebalances.labels(kind).inc()
         for p in partitions:
