@@ -324,7 +324,9 @@ def wait_all_committed(bootstrap: str, group: str, topic: str, timeout_s: float 
         done, high = committed_total(bootstrap, group, topic)
 
 
-def lso_and_high(admin: AdminClient, prefix: str) -> tuple[dict[TopicPartition, int], ...]:
+def lso_and_high(
+    admin: AdminClient, prefix: str
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
     """(last stable offsets, high watermarks) of every output partition of ``prefix``:
     where they differ, a transaction is open."""
     names = TopicNames(prefix)
@@ -335,17 +337,35 @@ def lso_and_high(admin: AdminClient, prefix: str) -> tuple[dict[TopicPartition, 
         if t == names.rejected or t.startswith((prefix + ".sealed.", prefix + ".sanitised."))
         for p in tm.partitions
     ]
-    out = []
-    for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED):
-        futs = admin.list_offsets(
-            {tp: OffsetSpec.latest() for tp in tps},  # type: ignore[no-untyped-call]
-            isolation_level=level,
-            request_timeout=15,
-        )
-        out.append(
-            {TopicPartition(tp.topic, tp.partition): f.result().offset for tp, f in futs.items()}
-        )
-    return tuple(out)
+    if not tps:
+        return {}, {}
+
+    def latest(level: IsolationLevel) -> dict[TopicPartition, int]:
+        # A young month topic may not have its leader known yet: retry, deadline-bounded.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                futs = admin.list_offsets(
+                    {tp: OffsetSpec.latest() for tp in tps},  # type: ignore[no-untyped-call]
+                    isolation_level=level,
+                    request_timeout=15,
+                )
+                return {
+                    TopicPartition(tp.topic, tp.partition): f.result().offset
+                    for tp, f in futs.items()
+                }
+            except KafkaException as exc:
+                err = exc.args[0]
+                retriable = isinstance(err, KafkaError) and (
+                    err.retriable()
+                    or err.code()
+                    in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+                )
+                if not retriable or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # leader election of a new topic; deadline-bounded
+
+    return latest(IsolationLevel.READ_COMMITTED), latest(IsolationLevel.READ_UNCOMMITTED)
 
 
 def wait_no_open_transactions(bootstrap: str, prefix: str, timeout_s: float = 120.0) -> None:

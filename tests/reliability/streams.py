@@ -4,26 +4,20 @@ reader, open-transaction probes, and the exactly-once / order invariants over ou
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Sequence
 
 import orjson
 from confluent_kafka import (
     Consumer,
-    IsolationLevel,
     KafkaError,
-    KafkaException,
-    TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 
 # confluent_kafka.admin re-exports OffsetSpec without declaring it.
-from confluent_kafka.admin._listoffsets import OffsetSpec
-
 from service.kafka.topics import TopicNames
 from tests.integration.kafka_helpers import Record, _headers, unique_name
-from tests.integration.run_support import Outputs, Sent
+from tests.integration.run_support import Outputs, Sent, lso_and_high
 
 
 class LiveReader:
@@ -95,46 +89,8 @@ class LiveReader:
 def open_transactions(bootstrap: str, prefix: str) -> int:
     """Partitions of ``prefix``'s output topics whose last stable offset is behind the
     high watermark: an open (neither committed nor aborted) transaction is in them."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    names = TopicNames(prefix)
-    md = admin.list_topics(timeout=10)
-    tps = [
-        TopicPartition(t, p)
-        for t, tm in md.topics.items()
-        if t == names.rejected or t.startswith((prefix + ".sealed.", prefix + ".sanitised."))
-        for p in tm.partitions
-    ]
-    if not tps:
-        return 0
-
-    def offsets(level: IsolationLevel) -> dict[tuple[str, int], int]:
-        # A young month topic may not have its leader known yet: retry, deadline-bounded.
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                return _list(level)
-            except KafkaException as exc:
-                err = exc.args[0]
-                retriable = isinstance(err, KafkaError) and (
-                    err.retriable()
-                    or err.code()
-                    in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
-                )
-                if not retriable or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # leader election of a new topic; deadline-bounded
-
-    def _list(level: IsolationLevel) -> dict[tuple[str, int], int]:
-        futs = admin.list_offsets(
-            {tp: OffsetSpec.latest() for tp in tps},  # type: ignore[no-untyped-call]
-            isolation_level=level,
-            request_timeout=15,
-        )
-        return {(tp.topic, tp.partition): f.result().offset for tp, f in futs.items()}
-
-    committed = offsets(IsolationLevel.READ_COMMITTED)
-    high = offsets(IsolationLevel.READ_UNCOMMITTED)
-    return sum(1 for k, lso in committed.items() if lso < high[k])
+    lso, high = lso_and_high(AdminClient({"bootstrap.servers": bootstrap}), prefix)
+    return sum(1 for tp, o in lso.items() if o < high[tp])
 
 
 def split_outputs(prefix: str, records: Sequence[Record]) -> Outputs:
