@@ -101,6 +101,14 @@ def produce_input(bootstrap: str, topic: str, values: Sequence[bytes]) -> Sent:
     return Sent(list(values), position)
 
 
+def join_sent(a: Sent, b: Sent) -> Sent:
+    """Two produce_input results on one topic as one."""
+    shift = len(a.values)
+    return Sent(
+        a.values + b.values, {**a.position, **{k: v + shift for k, v in b.position.items()}}
+    )
+
+
 def write_config(
     path: Path,
     *,

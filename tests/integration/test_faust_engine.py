@@ -33,6 +33,7 @@ from tests.integration.run_support import (
     Sent,
     check_invariants,
     committed_total,
+    join_sent,
     month_ago,
     produce_input,
     read_outputs,
@@ -85,13 +86,20 @@ def _inputs(seed: int) -> tuple[list[bytes], int]:
 
 
 def _setup(
-    admin: AdminClient, bootstrap: str, tmp_path: Path, unique_id: str, seed: int
-) -> tuple[str, str, Sent, int, Path, dict[str, str]]:
+    admin: AdminClient,
+    bootstrap: str,
+    tmp_path: Path,
+    unique_id: str,
+    seed: int,
+    first: int = N,
+) -> tuple[str, str, Sent, int, Path, dict[str, str], list[bytes]]:
+    """Topics, config and the input; the first ``first`` records are produced now, the
+    rest returned for the test to produce when it chooses."""
     prefix = f"faust-{unique_id}"
     group = f"g-{unique_id}"
     create_topics(admin, [TopicNames(prefix).raw], partitions=3)
     values, malformed = _inputs(seed)
-    sent = produce_input(bootstrap, TopicNames(prefix).raw, values)
+    sent = produce_input(bootstrap, TopicNames(prefix).raw, values[:first])
     cfg = write_config(
         tmp_path / "run.toml",
         bootstrap=bootstrap,
@@ -101,14 +109,14 @@ def _setup(
         max_records=1000,
     )
     env = {"CDRANON_MASTER_KEY": generate_master_key()}
-    return prefix, group, sent, malformed, cfg, env
+    return prefix, group, sent, malformed, cfg, env, values[first:]
 
 
 @pytest.mark.slow
 def test_faust_engine_clean_run_exactly_the_inputs(
     kafka_bootstrap: str, admin: AdminClient, tmp_path: Path, unique_id: str
 ) -> None:
-    prefix, group, sent, malformed, cfg, env = _setup(
+    prefix, group, sent, malformed, cfg, env, _ = _setup(
         admin, kafka_bootstrap, tmp_path, unique_id, seed=21
     )
     names = TopicNames(prefix)
@@ -162,23 +170,27 @@ def _source(r: Record) -> object:
 def test_faust_engine_kill_9_loses_nothing(
     kafka_bootstrap: str, admin: AdminClient, tmp_path: Path, unique_id: str
 ) -> None:
-    prefix, group, sent, _, cfg, env = _setup(admin, kafka_bootstrap, tmp_path, unique_id, seed=22)
+    # Half the input now, half once the first offsets are committed, and the kill right
+    # after that: mid-stream by construction. (Waiting for "some committed, some not" on
+    # the whole input could miss the window: Faust commits every few seconds and a quick
+    # run drained all of it between two commits.)
+    prefix, group, sent, _, cfg, env, rest = _setup(
+        admin, kafka_bootstrap, tmp_path, unique_id, seed=22, first=N // 2
+    )
     names = TopicNames(prefix)
     first = FaustProcessor(cfg, env, name="faust-1")
     try:
         first.wait_for("faust_agent_started", timeout_s=90)
-        # Kill once some offsets are committed and some are not: mid-stream.
         deadline = time.monotonic() + 180
-        while True:
-            done, high = committed_total(kafka_bootstrap, group, names.raw)
-            if 0 < done < high:
-                break
-            assert done < high, "the whole input was committed before the kill; raise N"
-            assert time.monotonic() < deadline, f"no progress: committed {done}/{high}"
+        while committed_total(kafka_bootstrap, group, names.raw)[0] == 0:
+            assert time.monotonic() < deadline, "no offset committed within 180 s"
             time.sleep(0.05)  # polling committed offsets, deadline-bounded
+        sent = join_sent(sent, produce_input(kafka_bootstrap, names.raw, rest))
         first.kill9()
     finally:
         first.close()
+    done, high = committed_total(kafka_bootstrap, group, names.raw)
+    assert 0 < done < high == N, f"the kill was not mid-stream: committed {done}/{high}"
     second = FaustProcessor(cfg, env, name="faust-2")
     try:
         wait_all_committed(kafka_bootstrap, group, names.raw, timeout_s=300)

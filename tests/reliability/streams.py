@@ -152,11 +152,3 @@ def order_violations(sent: Sent, records: Sequence[Record]) -> int:
             bad += 1
         last[k] = src[1]
     return bad
-
-
-def join_sent(a: Sent, b: Sent) -> Sent:
-    """Two produce_input results on one topic as one."""
-    shift = len(a.values)
-    return Sent(
-        a.values + b.values, {**a.position, **{k: v + shift for k, v in b.position.items()}}
-    )

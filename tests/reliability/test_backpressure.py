@@ -27,13 +27,14 @@ from tests.integration.run_support import (
     Processor,
     check_invariants,
     committed_total,
+    join_sent,
     produce_input,
     read_outputs,
     recent_months,
     wait_all_committed,
     write_config,
 )
-from tests.reliability.streams import exactly_once, join_sent
+from tests.reliability.streams import exactly_once
 from tests.reliability.support import DedicatedBroker, free_port, wait_until
 
 N = 60_000

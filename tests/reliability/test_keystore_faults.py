@@ -35,13 +35,14 @@ from tests.integration.run_support import (
     Processor,
     check_invariants,
     committed_total,
+    join_sent,
     produce_input,
     read_outputs,
     recent_months,
     wait_all_committed,
     write_config,
 )
-from tests.reliability.streams import exactly_once, join_sent, open_transactions
+from tests.reliability.streams import exactly_once, open_transactions
 from tests.reliability.support import free_port, wait_until
 from tests.unprivileged import NOBODY, hand_over, is_root, shared_tmp, unprivileged_prefix
 

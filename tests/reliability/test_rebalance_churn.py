@@ -25,6 +25,7 @@ from tests.integration.run_support import (
     Processor,
     check_invariants,
     committed_total,
+    join_sent,
     produce_input,
     read_outputs,
     recent_months,
@@ -34,7 +35,6 @@ from tests.integration.run_support import (
 from tests.reliability.streams import (
     LiveReader,
     exactly_once,
-    join_sent,
     order_violations,
     split_outputs,
 )

@@ -25,6 +25,7 @@ from tests.integration.run_support import (
     Processor,
     check_invariants,
     committed_total,
+    join_sent,
     lso_and_high,
     produce_input,
     read_outputs,
@@ -32,7 +33,7 @@ from tests.integration.run_support import (
     wait_all_committed,
     write_config,
 )
-from tests.reliability.streams import exactly_once, join_sent
+from tests.reliability.streams import exactly_once
 from tests.reliability.support import wait_until
 
 N = 20_000
@@ -129,11 +130,16 @@ def test_a_frozen_processor_is_fenced_and_its_output_never_visible(
             return other.owned() == 6
 
         wait_until("the other processor took every partition", took_over, timeout_s=60)
-        # ... and re-processed the frozen batch's inputs.
+        # ... and re-processed the frozen batch's inputs: everything produced up to the
+        # freeze is committed. (A fixed "+500 past the freeze" could exceed what was left:
+        # with 100-record batches the other processor had often drained its own share
+        # already, and the test then waited for records that were never coming.) Its
+        # offset fetch for the zombie's partitions waits for the broker to abort the frozen
+        # transaction: transaction timeout (10 s) plus the abort scan (up to 10 s).
         wait_until(
-            "progress past the freeze",
-            lambda: committed_total(kafka_bootstrap, group, names.raw)[0] > done_at_freeze + 500,
-            timeout_s=60,
+            "the frozen batch's inputs re-processed by the other processor",
+            lambda: committed_total(kafka_bootstrap, group, names.raw)[0] >= high,
+            timeout_s=90,
         )
         thawed_at = len(zombie.lines)
         zombie.proc.send_signal(18)  # SIGCONT
