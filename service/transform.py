@@ -106,9 +106,9 @@ class _MonthCtx:
     billing_until_ms: int
     sealer: BatchSealer | None
     keys: MonthKeys | None
-    # field -> raw value -> (the sanitised view's JSON fragment for it: generalised part and
-    # pseudonym; its member of the sealed object: '"msisdn":"+44..."'), per month key
-    caches: dict[str, dict[str, tuple[bytes, bytes]]]
+    # field -> raw value -> the sanitised view's JSON fragment for it (generalised part and
+    # pseudonym), cached per month key
+    caches: dict[str, dict[str, bytes]]
     head: bytes  # ',"month":"2026-10","key_id":"2026-10/default"'
 
 
@@ -210,8 +210,8 @@ class Transformer:
                 gen = None
             self._spec[name] = (_IDENT, checker, kind, gen)
         self._plans: dict[_Shape, _Plan] = {}
-        # key id -> field -> raw identifier -> JSON fragments; see _fragment
-        self._caches: dict[str, dict[str, dict[str, tuple[bytes, bytes]]]] = {}
+        # key id -> field -> raw identifier -> sanitised JSON fragment; see _fragment
+        self._caches: dict[str, dict[str, dict[str, bytes]]] = {}
         self._cached = 0
         self.cache_entries = PSEUDONYM_CACHE_ENTRIES if cache_entries is None else cache_entries
         self._minutes: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM" (UTC) -> epoch ms
@@ -443,23 +443,19 @@ class Transformer:
                 head = ctx.head
                 caches = ctx.caches
                 parts = [body, head]
-                plain = []
                 for ident, value in zip(plan.idents, ivalues, strict=True):
                     # What the sanitised view adds for this identifier (its generalised
-                    # part and pseudonym) and its member of the sealed JSON object, cached
-                    # per month key: identifiers repeat a lot in real traffic.
-                    hit = caches[ident[0]].get(value)
-                    if hit is None:
-                        hit = self._fragment(keys, caches[ident[0]], ident, value)
-                    parts.append(hit[0])
-                    plain.append(hit[1])
+                    # part and pseudonym), cached per month key: identifiers repeat a lot
+                    # in real traffic.
+                    frag = caches[ident[0]].get(value)
+                    if frag is None:
+                        frag = self._fragment(keys, caches[ident[0]], ident, value)
+                    parts.append(frag)
                 parts.append(plan.absent)
                 parts.append(tail)
                 sealer = ctx.sealer
                 assert sealer is not None  # set together with keys
-                # The identifiers as received, as one JSON object (what dumps of the dict
-                # would write, without building the dict).
-                blob = sealer.seal_b64(b"{" + b",".join(plain) + b"}", cdr_id)
+                blob = sealer.seal_b64(dumps(dict(zip(idents, ivalues, strict=True))), cdr_id)
                 sealed = join((body, head, _SEALED, blob, b'"}'))
                 add_sealed(_new(OutRecord, (index, month, key, event_ms, sealed, None)))
                 add_sanitised(_new(OutRecord, (index, month, key, event_ms, join(parts), hexd)))
@@ -504,18 +500,16 @@ class Transformer:
     def _fragment(
         self,
         keys: MonthKeys,
-        cache: dict[str, tuple[bytes, bytes]],
+        cache: dict[str, bytes],
         ident: tuple[str, Any, str | None, bytes, bytes, bytes],
-        value: str,
-    ) -> tuple[bytes, bytes]:
-        """Check, normalise and pseudonymise one identifier; cache its JSON fragments:
-        for the sanitised view (',"msisdn_cc":"+44","msisdn_pseudonym":"…"') and for the
-        sealed object ('"msisdn":"+44 7700 900123"', the value as received).
+        value: Any,
+    ) -> bytes:
+        """Check, normalise and pseudonymise one identifier; cache the sanitised view's
+        JSON fragment for it (',"msisdn_cc":"+44","msisdn_pseudonym":"…"').
 
         One budget bounds the caches of all months together: when it is spent they are
         all cleared (they refill from live traffic), so memory stays flat however many
-        months are live. An entry is ~250 bytes: the identifier (the key), the tuple and
-        its two fragments.
+        months are live. An entry is ~170 bytes: the fragment and the identifier (the key).
         """
         field, checker, gen, prefix, gen_key, pseudonym_key = ident
         norm, general = checker(field, value)
@@ -525,15 +519,14 @@ class Transformer:
         frag = pseudonym_key + pseudonym + b'"'
         if gen is not None:
             frag = gen_key + dumps(general) + frag
-        hit = (frag, dumps(field) + b":" + dumps(value))
         if self._cached >= self.cache_entries:
             for per_field in self._caches.values():
                 for c in per_field.values():
                     c.clear()
             self._cached = 0
-        cache[value] = hit
+        cache[value] = frag
         self._cached += 1
-        return hit
+        return frag
 
     def _event_time(self, et: Any) -> tuple[int, str]:
         """(epoch ms, month) of an event_time: RFC 3339 text or integer epoch millis."""
