@@ -18,7 +18,10 @@ scripts/softhsm.sh, wrapped secrets in a ``cdr.keys`` topic of the scenario's ow
 follower's). A name
 may be given more than once, to interleave runs on a noisy machine, e.g.
 ``--only cdranon,cdranon-pkcs11,cdranon,cdranon-pkcs11``: such a name's figure is the
-median over its runs, each run kept under ``runs``.
+median over its runs, each run kept under ``runs``. ``--side-by-side-rounds N`` then runs
+the distinct ``cdranon`` variants at the same time on one input topic (each its own
+group) and compares their CPU per record round by round, under the same load: the
+steadiest comparison on a shared machine (results under ``side_by_side``).
 
 Throughput: the processor is running and warmed up (month topics exist, partitions
 assigned); the bench produces ``--records`` CDRs as fast as it can and measures from the
@@ -279,6 +282,36 @@ def _pkcs11_env(
     return {**hsm_env, "CDRANON_KEYSTORE": url}
 
 
+def _cdranon_env(
+    name: str,
+    bootstrap: str,
+    tag: str,
+    group: str,
+    hsm: tuple[str, dict[str, str]] | None,
+    input_topic: str | None = None,
+) -> dict[str, str]:
+    """The environment of a ``cdranon run`` scenario: its topics, group and keystore."""
+    keys = Path(tempfile.mkdtemp(prefix="e2e-keys-"))
+    env = {
+        "CDRANON_MASTER_KEY": generate_master_key(),
+        "CDRANON_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "CDRANON_KAFKA__TOPIC_PREFIX": tag,
+        "CDRANON_KAFKA__GROUP_ID": group,
+        "CDRANON_KEYSTORE": f"file://{keys}",
+        "CDRANON_METRICS__ENABLED": "false",
+        "CDRANON_LOGGING__LEVEL": "WARNING",
+        "CDRANON_TOPICS__REPLICATION_FACTOR": "1",
+        # "cdranon-nointegrity": the same processor without digests and signed roots,
+        # so the cost of "original form" is measured in the same run.
+        "CDRANON_INTEGRITY__ENABLED": "false" if name.endswith("nointegrity") else "true",
+    }
+    if input_topic is not None:
+        env["CDRANON_KAFKA__INPUT_TOPIC"] = input_topic
+    if "pkcs11" in name:
+        env.update(_pkcs11_env(name, f"kafka://{bootstrap}/cdr.keys.{tag}", hsm))
+    return env
+
+
 def _scenario(
     name: str,
     bootstrap: str,
@@ -293,25 +326,8 @@ def _scenario(
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for f in admin.create_topics([NewTopic(src, 3, 1), NewTopic(f"{tag}.out", 3, 1)]).values():
         f.result()
-    env: dict[str, str] = {}
     if name.startswith("cdranon"):
-        keys = Path(tempfile.mkdtemp(prefix="e2e-keys-"))
-        env = {
-            "CDRANON_MASTER_KEY": generate_master_key(),
-            "CDRANON_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-            "CDRANON_KAFKA__TOPIC_PREFIX": tag,
-            "CDRANON_KAFKA__GROUP_ID": group,
-            "CDRANON_KEYSTORE": f"file://{keys}",
-            "CDRANON_METRICS__ENABLED": "false",
-            "CDRANON_LOGGING__LEVEL": "WARNING",
-            "CDRANON_TOPICS__REPLICATION_FACTOR": "1",
-            # "cdranon-nointegrity": the same processor without digests and signed roots,
-            # so the cost of "original form" is measured in the same run.
-            "CDRANON_INTEGRITY__ENABLED": "false" if name.endswith("nointegrity") else "true",
-        }
-        if "pkcs11" in name:
-            env.update(_pkcs11_env(name, f"kafka://{bootstrap}/cdr.keys.{tag}", hsm))
-        proc = Proc(["service.cli", "run"], env)
+        proc = Proc(["service.cli", "run"], _cdranon_env(name, bootstrap, tag, group, hsm))
         pattern = rf"^{tag}\.(sanitised)\.[0-9]{{4}}-[0-9]{{2}}$"
     else:
         proc = Proc(
@@ -376,6 +392,71 @@ def _scenario(
         }
     finally:
         proc.stop()
+
+
+def _side_by_side(
+    names: list[str],
+    bootstrap: str,
+    data: list[list[bytes]],
+    warm: list[bytes],
+    hsm: tuple[str, dict[str, str]] | None,
+) -> dict[str, Any]:
+    """The ``cdranon`` variants ``names`` running AT ONCE on one input topic, each in its
+    own group with its own outputs; per round, each one's CPU per record.
+
+    Interleaved runs meet different load (on a shared 2-vCPU machine their CPU per record
+    moved by 12-21% between runs of one scenario); processors that work through the same
+    records at the same time meet the same load, so their per-round ratios compare the
+    variants themselves. They share the cores, so their wall-clock rates are not reported.
+    """
+    run_tag = uuid.uuid4().hex[:6]
+    src = f"side-{run_tag}.raw"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(src, 3, 1)]).values():
+        f.result()
+    procs: dict[str, tuple[Proc, str]] = {}
+    try:
+        for i, name in enumerate(names):
+            tag = f"{name}-{i}-{run_tag}"
+            env = _cdranon_env(name, bootstrap, tag, f"{tag}-g", hsm, input_topic=src)
+            procs[name] = (Proc(["service.cli", "run"], env), f"{tag}-g")
+        total = len(warm)
+        _produce(bootstrap, src, warm)
+        for _, group in procs.values():
+            _wait_committed(bootstrap, group, src, total)
+        cpu: dict[str, list[float]] = {name: [] for name in procs}
+        for batch in data:
+            c0 = {name: p.cpu_s() for name, (p, _) in procs.items()}
+            _produce(bootstrap, src, batch)
+            total += len(batch)
+            for _, group in procs.values():
+                _wait_committed(bootstrap, group, src, total)
+            for name, (p, _) in procs.items():
+                cpu[name].append((p.cpu_s() - c0[name]) / len(batch) * 1e6)
+            last = {n: round(c[-1], 1) for n, c in cpu.items()}
+            print(f"  {last}", flush=True)
+    finally:
+        for p, _ in procs.values():
+            p.stop()
+    out: dict[str, Any] = {"records": len(data[0]), "rounds": len(data)}
+    out |= {
+        name: {
+            "cpu_us_per_record": round(median(c), 2),
+            "rounds_cpu_us_per_record": [round(x, 2) for x in c],
+        }
+        for name, c in cpu.items()
+    }
+    if "cdranon" in cpu:
+        for name in names:
+            if name == "cdranon":
+                continue
+            # file over the variant, as in _pkcs11_ratios: 1.0 = as cheap, above 0.95 is
+            # "within 5%"; the median of the per-round ratios of paired measurements.
+            pairs = [f / v for f, v in zip(cpu["cdranon"], cpu[name], strict=True)]
+            short = name.removeprefix("cdranon-").replace("-", "_")
+            out[f"ratio_{short}_to_file_cpu"] = round(median(pairs), 3)
+            out[f"ratio_{short}_to_file_cpu_rounds"] = [round(r, 3) for r in pairs]
+    return out
 
 
 def _core(values: list[bytes], n_rounds: int) -> dict[str, Any]:
@@ -454,7 +535,7 @@ def _add_ratios(results: dict[str, Any]) -> None:
             results[f"ratio_e2e_to_{ceiling}"] = round(e2e / results[ceiling]["records_per_s"], 3)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
@@ -462,11 +543,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", default=os.environ.get("CDRANON_BOOTSTRAP", ""))
     ap.add_argument("--only", default="cdranon,passthrough-txn,passthrough-plain")
     ap.add_argument("--output", default="e2e", help="results name under benchmarks/results/")
+    ap.add_argument(
+        "--side-by-side-rounds",
+        type=int,
+        default=0,
+        help="then run the distinct cdranon variants of --only at once on one input topic "
+        "for this many rounds of --records, and compare their CPU per record round by round",
+    )
     ap.add_argument("--role", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     ap.add_argument("--group", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.role:
         passthrough(
             args.bootstrap, args.src, args.dst, args.group, txn=args.role == "passthrough-txn"
@@ -475,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
 
     months = _months()
     now = now_utc()
-    need = args.records * args.rounds
+    need = args.records * max(args.rounds, args.side_by_side_rounds)
     print(f"generating {need + 2000 + args.records} records over {months} ...", flush=True)
     allv = list(generate_cdrs(need + args.records + 2000, months=months, seed=11, now=now))
     # The generator writes records in time order: the warm-up must sample every month,
@@ -503,6 +595,14 @@ def main(argv: list[str] | None = None) -> int:
             run = _scenario(name, bootstrap, args, data, warm, latency_data, hsm)
             runs.append((name, run))
             print(f"  {run}", flush=True)
+        side = [n for n in dict.fromkeys(names) if n.startswith("cdranon")]
+        if args.side_by_side_rounds > 0 and len(side) > 1:
+            print(f"side by side: {','.join(side)} ...", flush=True)
+            side_data = [
+                allv[2000 + i * args.records : 2000 + (i + 1) * args.records]
+                for i in range(args.side_by_side_rounds)
+            ]
+            results["side_by_side"] = _side_by_side(side, bootstrap, side_data, warm, hsm)
     finally:
         if broker is not None:
             broker.stop()
