@@ -18,6 +18,7 @@ Findings, per record where it can be pinned, per range where it cannot:
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 from bisect import bisect_left, bisect_right
 from collections import Counter
@@ -25,13 +26,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
+from operator import itemgetter
 from typing import Any
 
 import orjson
 from orjson import OPT_SORT_KEYS, JSONDecodeError, dumps, loads
 
 from service.integrity import DIGEST_FIELD, billing_part
-from service.merkle import LEAF, inclusion_proof, root, root_from_leaf_hashes
+from service.merkle import inclusion_proof, leaf_hashes, root, root_from_leaf_hashes
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +103,16 @@ def root_event_details(
 
 
 _Leaf = tuple[bytes | None, str | None, bool]
-_CHUNK = 25_000
 _ALTERED = "billing fields do not match billing_digest"
 _UNPROVEN = "record is in no signed range"
+# Status byte of a record in the columnar form below.
+_BAD, _OK, _NOT_OBJECT = 0, 1, 2
 
 
 def _leaf(value: bytes, added: frozenset[str]) -> _Leaf:
     """(recomputed digest, cdr_id, self-consistent) of one sanitised record; the digest as
-    32 bytes (None if the value is not a JSON object)."""
+    32 bytes (None if the value is not a JSON object). The reference for :class:`_Columns`,
+    and what the per-record paths (batches, proofs) use."""
     try:
         doc = loads(value)
     except JSONDecodeError:
@@ -124,8 +128,63 @@ def _leaf(value: bytes, added: frozenset[str]) -> _Leaf:
     return h.digest(), cdr_id if type(cdr_id) is str else None, stated == h.hexdigest()
 
 
-def _leaf_chunk(values: list[bytes], added: frozenset[str]) -> list[_Leaf]:
-    return [_leaf(v, added) for v in values]
+_NO_DIGEST = bytes(32)
+
+
+class _Columns:
+    """:func:`_leaf` of a run of records, as columns: ``digests`` (32 bytes each,
+    ``_NO_DIGEST`` where the value is not a JSON object), ``leaves`` (their RFC 6962 leaf
+    hashes), ``status`` (one byte per record: ``_OK``, ``_BAD`` altered, ``_NOT_OBJECT``)
+    and ``ids`` (cdr_id, None where absent or not a string)."""
+
+    __slots__ = ("digests", "ids", "leaves", "status")
+
+    def __init__(self) -> None:
+        self.digests: list[bytes] = []
+        self.leaves: list[bytes] = []
+        self.status = bytearray()
+        self.ids: list[str | None] = []
+
+    def add(self, values: list[bytes], added: frozenset[str]) -> None:
+        """:func:`_leaf` of each value, inlined. One record at a time through every step:
+        parsing a run of records first and hashing them after was slower (measured), the
+        parsed dicts no longer in the CPU caches when dumped again."""
+        digests, status, ids = self.digests, self.status, self.ids
+        # The added keys to delete, per distinct key sequence ("shape") of a record: a
+        # month has a handful, and a tuple of the keys and a lookup cost less than the set
+        # intersection per record. Bounded by the number of records, freed on return.
+        plans: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for value in values:
+            try:
+                doc = loads(value)
+            except JSONDecodeError:
+                doc = None
+            if type(doc) is not dict:
+                digests.append(_NO_DIGEST)
+                status.append(_NOT_OBJECT)
+                ids.append(None)
+                continue
+            stated = doc.get(DIGEST_FIELD)
+            shape = tuple(doc)
+            drop = plans.get(shape)
+            if drop is None:
+                drop = plans[shape] = tuple(k for k in shape if k in added)
+            for k in drop:
+                del doc[k]
+            d = sha256(dumps(doc, option=OPT_SORT_KEYS)).digest()
+            digests.append(d)
+            # One finalisation, then hex (what hexdigest does); a non-str stated is unequal.
+            status.append(stated == d.hex())
+            cdr_id = doc.get("cdr_id")
+            ids.append(cdr_id if type(cdr_id) is str else None)
+        # The leaf hash does not depend on the range: hashed here, in the worker when forked.
+        self.leaves += leaf_hashes(digests[len(self.leaves) :])
+
+    def as_leaves(self) -> list[_Leaf]:
+        return [
+            (None, cid, False) if st == _NOT_OBJECT else (d, cid, st == _OK)
+            for d, st, cid in zip(self.digests, self.status, self.ids, strict=True)
+        ]
 
 
 # The month being verified, set before the worker processes are forked: they inherit it
@@ -133,50 +192,66 @@ def _leaf_chunk(values: list[bytes], added: frozenset[str]) -> list[_Leaf]:
 _SHARED: tuple[list[bytes], frozenset[str]] | None = None
 
 
-def _leaf_range(bounds: tuple[int, int]) -> tuple[bytes, bytes, list[str | None]]:
-    """Leaves of ``_SHARED[lo:hi]`` in a compact form for the trip back: the digests
-    concatenated (32 zero bytes where none), one status byte each (0 altered, 1 ok,
-    2 not a JSON object), the cdr_ids."""
+def _columns_of_range(bounds: tuple[int, int]) -> tuple[bytes, bytes, bytes, list[str | None]]:
+    """:class:`_Columns` of ``_SHARED[lo:hi]`` in a compact form for the trip back: the
+    digests and the leaf hashes concatenated, the status bytes, the cdr_ids."""
     assert _SHARED is not None
     values, added = _SHARED
     lo, hi = bounds
-    digests = bytearray()
-    status = bytearray()
-    ids: list[str | None] = []
-    for v in values[lo:hi]:
-        d, cid, ok = _leaf(v, added)
-        digests += d if d is not None else bytes(32)
-        status.append(2 if d is None else int(ok))
-        ids.append(cid)
-    return bytes(digests), bytes(status), ids
+    cols = _Columns()
+    cols.add(values[lo:hi], added)
+    return b"".join(cols.digests), b"".join(cols.leaves), bytes(cols.status), cols.ids
 
 
-def leaves_of(values: list[bytes], added: frozenset[str], jobs: int = 1) -> list[_Leaf]:
-    """:func:`_leaf` of every value, on ``jobs`` forked processes for large months (the
-    work is parsing and hashing, CPU-bound: processes, not threads)."""
+# Below this many records per process a fork costs more than it saves.
+_MIN_SHARE = 25_000
+
+
+def _split32(joined: bytes) -> list[bytes]:
+    return [joined[i : i + 32] for i in range(0, len(joined), 32)]
+
+
+def _columns(values: list[bytes], added: frozenset[str], jobs: int) -> _Columns:
+    """:class:`_Columns` of every value, on ``jobs`` processes for large months (the work
+    is parsing and hashing, CPU-bound: processes, not threads). This process takes the
+    first share itself: with N forked workers it would only wait, and a 2-core machine
+    would pay a fork for nothing."""
     global _SHARED  # noqa: PLW0603 - handed to the forked workers, see above
-    if jobs <= 1 or len(values) < 2 * _CHUNK or "fork" not in mp.get_all_start_methods():
-        return _leaf_chunk(values, added)
+    out = _Columns()
+    if jobs <= 1 or len(values) < 2 * _MIN_SHARE or "fork" not in mp.get_all_start_methods():
+        out.add(values, added)
+        return out
     _SHARED = (values, added)
     try:
         step = -(-len(values) // jobs)
         bounds = [(i, min(i + step, len(values))) for i in range(0, len(values), step)]
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as pool:
-            parts = list(pool.map(_leaf_range, bounds))
+        ctx = mp.get_context("fork")
+        # gc.freeze in each worker: a collection there would otherwise walk (and so write
+        # to, copying every page of) the month the worker inherited.
+        with ProcessPoolExecutor(len(bounds) - 1, mp_context=ctx, initializer=gc.freeze) as pool:
+            futures = [pool.submit(_columns_of_range, b) for b in bounds[1:]]
+            out.add(values[bounds[0][0] : bounds[0][1]], added)
+            parts = [f.result() for f in futures]
     finally:
         _SHARED = None
-    out: list[_Leaf] = []
-    for digests, status, ids in parts:
-        out += [
-            (None, cid, False) if st == 2 else (digests[32 * i : 32 * i + 32], cid, st == 1)
-            for i, (st, cid) in enumerate(zip(status, ids, strict=True))
-        ]
+    for digests, leaves, status, ids in parts:
+        out.digests += _split32(digests)
+        out.leaves += _split32(leaves)
+        out.status += status
+        out.ids += ids
     return out
+
+
+def leaves_of(values: list[bytes], added: frozenset[str], jobs: int = 1) -> list[_Leaf]:
+    """:func:`_leaf` of every value (on ``jobs`` forked processes for large months)."""
+    return _columns(values, added, jobs).as_leaves()
 
 
 def _duplicates(stream: str, ids: Iterable[str | None]) -> list[Finding]:
     """A finding per cdr_id seen more than once (the common case, none, costs one set)."""
-    listed = [i for i in ids if i is not None]
+    listed = list(ids)
+    if None in listed:
+        listed = [i for i in listed if i is not None]
     if len(set(listed)) == len(listed):
         return []
     return [
@@ -198,16 +273,16 @@ def verify_stream(
     rep = Report()
     recs = sorted(records)
     n = rep.records = len(recs)
-    positions = [p for p, _ in recs]
-    computed = leaves_of([v for _, v in recs], added, jobs)
-    rep.findings += [
-        Finding(
-            "altered", stream, positions[i], leaf[1], "billing fields do not match billing_digest"
-        )
-        for i, leaf in enumerate(computed)
-        if not leaf[2]
-    ]
-    rep.findings += _duplicates(stream, [leaf[1] for leaf in computed])
+    positions = list(map(itemgetter(0), recs))
+    cols = _columns(list(map(itemgetter(1), recs)), added, jobs)
+    status, ids = cols.status, cols.ids
+    if status.count(_OK) != n:
+        rep.findings += [
+            Finding("altered", stream, positions[i], ids[i], _ALTERED)
+            for i, st in enumerate(status)
+            if st != _OK
+        ]
+    rep.findings += _duplicates(stream, ids)
 
     covered = bytearray(n)  # 1 where a record lies in some signed range
     for ev in sorted(roots, key=lambda e: e.first):
@@ -215,16 +290,14 @@ def verify_stream(
         # positions is sorted: a range is a slice of indexes (bisect, not a scan per root).
         lo, hi = bisect_left(positions, ev.first), bisect_right(positions, ev.last)
         covered[lo:hi] = b"\x01" * (hi - lo)
-        finding = _check_range(stream, ev, positions[lo:hi], computed[lo:hi])
+        finding = _check_range(stream, ev, hi - lo, status[lo:hi], cols.leaves[lo:hi])
         if finding is None:
             rep.proven += hi - lo
         elif finding.kind:
             rep.findings.append(finding)
     if covered.count(0):
         rep.findings += [
-            Finding(
-                "unproven", stream, positions[i], computed[i][1], "record is in no signed range"
-            )
+            Finding("unproven", stream, positions[i], ids[i], _UNPROVEN)
             for i in range(n)
             if not covered[i]
         ]
@@ -232,21 +305,21 @@ def verify_stream(
 
 
 def _check_range(
-    stream: str, ev: RootEvent, inside: list[int], leaves: list[_Leaf]
+    stream: str, ev: RootEvent, count: int, status: bytearray, leaves: list[bytes]
 ) -> Finding | None:
     """None if the range proves out; a Finding (kind "" = already explained) if not.
-    ``inside``: the positions in the range, ``leaves``: their leaves, in order."""
+    ``count``: the records in the range, ``status`` and ``leaves``: theirs, in order."""
     where = f"positions {ev.first}-{ev.last}"
-    if len(inside) < ev.size:
-        n = ev.size - len(inside)
+    if count < ev.size:
+        n = ev.size - count
         return Finding("missing", stream, None, None, f"{n} record(s) missing at {where}")
-    if len(inside) > ev.size:
-        n = len(inside) - ev.size
+    if count > ev.size:
+        n = count - ev.size
         return Finding("extra", stream, None, None, f"{n} record(s) too many at {where}")
-    if not all(leaf[2] for leaf in leaves):
+    if status.count(_OK) != count:
         # Altered records explain a mismatch and are reported one by one already.
         return Finding("", stream, None, None, "")
-    if _root_hex([leaf[0] for leaf in leaves]) == ev.root:
+    if root_from_leaf_hashes(leaves).hex() == ev.root:
         return None
     return Finding(
         "mismatch",
@@ -258,9 +331,8 @@ def _check_range(
 
 
 def _root_hex(digests: list[bytes | None]) -> str:
-    """The RFC 6962 root over record digests (all present: self-consistent leaves), hex.
-    The leaf hashing is inlined: this runs once per record of a month."""
-    return root_from_leaf_hashes([sha256(LEAF + d).digest() for d in digests if d]).hex()
+    """The RFC 6962 root over record digests (all present: self-consistent leaves), hex."""
+    return root_from_leaf_hashes(leaf_hashes([d for d in digests if d])).hex()
 
 
 TaggedRecord = tuple[str, int, bytes, tuple[str, int] | None]  # partition, offset, value, leaf

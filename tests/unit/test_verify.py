@@ -11,7 +11,14 @@ import pytest
 from service.integrity import DIGEST_FIELD, added_fields, billing_part, digest
 from service.merkle import verify_inclusion
 from service.policy import load_policy
-from service.verify import RootEvent, leaves_of, proof_for, root_event_details, verify_stream
+from service.verify import (
+    RootEvent,
+    _leaf,
+    leaves_of,
+    proof_for,
+    root_event_details,
+    verify_stream,
+)
 from tests.unit.core_helpers import cdr, make_transformer, now_ms, raw
 
 ADDED = added_fields(load_policy())
@@ -147,3 +154,25 @@ def test_leaves_on_forked_workers_equal_the_single_process_ones() -> None:
     assert forked == single
     assert sum(1 for d, _, ok in single if d is not None and not ok) > 0
     assert sum(1 for d, _, _ in single if d is None) > 0
+
+
+def test_columns_equal_the_per_record_leaf() -> None:
+    """verify_stream's inlined copy of _leaf (service.verify._Columns) gives its answers for
+    records that are not JSON, not objects, lack fields or carry odd types."""
+    added = frozenset({"month", "billing_digest"})
+    good = {"cdr_id": "a", "price": 0.5}
+    stated = sha256(orjson.dumps(good, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    values = [
+        orjson.dumps({**good, "month": "2026-10", "billing_digest": stated}),
+        orjson.dumps({**good, "billing_digest": stated.upper()}),
+        orjson.dumps({**good, "billing_digest": bytes.fromhex(stated).hex()[:-1]}),
+        orjson.dumps({"price": 1, "billing_digest": 7}),
+        orjson.dumps({"cdr_id": 5, "month": None}),
+        b'{"cdr_id":"x","cdr_id":"y","billing_digest":"00"}',
+        b"{}",
+        b"[1, 2]",
+        b"null",
+        b"not json",
+    ]
+    assert leaves_of(values, added) == [_leaf(v, added) for v in values]
+    assert [ok for _, _, ok in leaves_of(values, added)] == [True] + [False] * 9
