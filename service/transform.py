@@ -117,15 +117,9 @@ def _key(name: str) -> bytes:
     return b"," + dumps(name) + b":"
 
 
-def _fit(doc: bytes) -> bytes:
-    """A right-sized copy of an orjson document that outlives the batch.
-
-    orjson.dumps hands back its whole output buffer (an 8 KiB allocation for a 400-byte
-    record); keeping two per record for a batch made the transform fault in fresh memory
-    pages at ~10 us per record and the processor's RSS grow to 650 MB. The hot path
-    builds its outputs with bytes.join, which allocates exactly; this is for the rare ones.
-    """
-    return memoryview(doc).tobytes()
+def _stripped_head(month: str) -> bytes:
+    """',"month":"2026-10","key_id":null': the head of a stripped record."""
+    return _key("month") + dumps(month) + _key("key_id") + b"null"
 
 
 def _unique_keys_fast(raw: bytes, n_keys: int) -> bool:
@@ -287,7 +281,9 @@ class Transformer:
         bill_ms = to_ms(billing_until(month, rclass.billing_years, tz))
         if now_ms >= to_ms(identifiers_until(month, rclass.identifier_months, tz)):
             # Past the identifier deadline: never a key for this month (RETENTION-RULES).
-            return _MonthCtx(month, None, STRIP_PAST_DEADLINE, bill_ms, None, None, {}, b"")
+            return _MonthCtx(
+                month, None, STRIP_PAST_DEADLINE, bill_ms, None, None, {}, _stripped_head(month)
+            )
         kid = key_id(month, rclass.name)
         try:
             keys = self.keyring.get(kid)
@@ -295,7 +291,9 @@ class Transformer:
             # Destroyed early (by an operator): its identifiers can only be stripped, and
             # its cached pseudonyms go with the key.
             self._caches.pop(kid, None)
-            return _MonthCtx(month, None, STRIP_KEY_DESTROYED, bill_ms, None, None, {}, b"")
+            return _MonthCtx(
+                month, None, STRIP_KEY_DESTROYED, bill_ms, None, None, {}, _stripped_head(month)
+            )
         caches = self._caches.get(kid)
         if caches is None:
             caches = self._caches[kid] = {f: {} for f in self.policy.identifier_fields}
@@ -315,7 +313,11 @@ class Transformer:
         The per-record work is inline in this loop, with what it needs bound to locals
         once per batch: a method call and a dozen attribute look-ups per record were ~15%
         of the transform. Outputs are built by joining JSON fragments around one
-        serialisation of the billing fields (see _fit for why not one dumps per output).
+        serialisation of the billing fields, not by one orjson.dumps per output: dumps
+        hands back its whole output buffer (an 8 KiB allocation for a 400-byte record),
+        and keeping two per record until the batch is written faulted in fresh memory
+        pages on every batch (~0.5 minor faults per record) and grew the processor's RSS
+        to 650 MB. bytes.join allocates exactly.
         """
         result = BatchResult()
         rejected = result.rejected
@@ -428,18 +430,23 @@ class Transformer:
                     )
 
                 key = account.encode() if type(account) is str else str(account).encode()
+                # One serialisation of the billing fields, in the canonical encoding
+                # (keys sorted: service/integrity.py), shared by both views and the digest:
+                # the billing part of every output is the exact bytes its digest covers.
+                doc = dumps(rec, option=OPT_SORT_KEYS)
                 if integrity:
-                    hexd = sha256(dumps(rec, option=OPT_SORT_KEYS)).hexdigest()
+                    hexd = sha256(doc).hexdigest()
                     tail = digest_key + hexd.encode() + b'"}'
                 else:
                     hexd = None
                     tail = b"}"
+                body = doc[:-1]
                 keys = ctx.keys
                 if keys is None:
-                    self._stripped(rec, plan, ivalues, ctx, hexd, index, key, event_ms, result)
+                    self._stripped(
+                        body, tail, plan, ivalues, ctx, hexd, index, key, event_ms, result
+                    )
                     continue
-                # One serialisation of the billing fields, shared by both views.
-                body = dumps(rec)[:-1]
                 head = ctx.head
                 caches = ctx.caches
                 parts = [body, head]
@@ -468,7 +475,8 @@ class Transformer:
 
     def _stripped(
         self,
-        san: dict[str, Any],
+        body: bytes,
+        tail: bytes,
         plan: _Plan,
         values: list[Any],
         ctx: _MonthCtx,
@@ -479,22 +487,24 @@ class Transformer:
         result: BatchResult,
     ) -> None:
         """The sanitised view of a record whose identifiers are stripped (its month is past
-        the identifier deadline or its key destroyed): generalised parts only.
+        the identifier deadline or its key destroyed): generalised parts only, no pseudonym.
 
         Identifiers are still checked (a malformed one is still a rejection, so the
         outcome does not depend on the date). Off the hot path.
         """
-        out = {**san, "month": ctx.month, "key_id": None, **self._general_none}
-        for (field, checker, gen, *_), value in zip(plan.idents, values, strict=True):
+        parts = [body, ctx.head]
+        for (field, checker, gen, _prefix, gen_key, _pkey), value in zip(
+            plan.idents, values, strict=True
+        ):
             _norm, general = checker(field, value)
             if gen is not None:
-                out[gen] = general
-        if digest is not None:
-            out[DIGEST_FIELD] = digest
+                parts.append(gen_key + dumps(general))
+        parts.append(plan.absent)
+        parts.append(tail)
         reason = ctx.strip_reason or STRIP_PAST_DEADLINE
         result.stripped += 1
         result.stripped_reasons[reason] = result.stripped_reasons.get(reason, 0) + 1
-        doc = _fit(dumps(out))
+        doc = b"".join(parts)
         result.sanitised.append(_new(OutRecord, (index, ctx.month, key, event_ms, doc, digest)))
 
     def _fragment(
