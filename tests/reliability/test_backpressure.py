@@ -168,7 +168,10 @@ def test_full_producer_queue_pauses_and_sigterm_never_commits_unwritten_output(
         stuck.close()
     final = Processor(cfg, env, name="final")
     try:
-        wait_all_committed(bootstrap, group, names.raw, timeout_s=180)
+        try:
+            wait_all_committed(bootstrap, group, names.raw, timeout_s=180)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {final.summary()}; {stuck.summary()}") from None
         assert final.terminate() == 0, final.raw[-5:]
     finally:
         final.close()
