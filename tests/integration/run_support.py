@@ -274,8 +274,9 @@ def committed_total(
 ) -> tuple[int, int]:
     """(sum of the group's committed offsets, sum of the high watermarks) on ``topic``.
 
-    Retries the transient answers of a young broker (coordinator not ready) until
-    ``timeout_s``.
+    Retries the transient answers of a young broker (coordinator not ready) or of one
+    just thawed or restarted (metadata not yet refreshed: unknown partition, no leader)
+    until ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -291,6 +292,10 @@ def committed_total(
                     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
                     KafkaError.COORDINATOR_NOT_AVAILABLE,
                     KafkaError._TIMED_OUT,
+                    KafkaError._UNKNOWN_PARTITION,
+                    KafkaError.UNKNOWN_TOPIC_OR_PART,
+                    KafkaError.LEADER_NOT_AVAILABLE,
+                    KafkaError.NOT_LEADER_FOR_PARTITION,
                 )
             )
             if not transient or time.monotonic() > deadline:

@@ -48,7 +48,10 @@ def spellings(value: str) -> set[bytes]:
     out: they would match by chance."""
     forms = {value, value.lower(), value.upper(), value.lstrip("+")}
     digits = re.sub(r"\D", "", value)
-    if len(digits) >= 8:
+    # Digit-only forms for numbers (MSISDN, IMSI, IMEI), not for e-mail addresses: the 7-8
+    # digits of a canary address's tag matched hex digests and UUIDs by chance (a false
+    # leak in one full run).
+    if len(digits) >= 8 and "@" not in value:
         forms.add(digits)
         if value.startswith("+44"):
             forms.add("0" + digits[2:])  # UK national form of the test numbers
