@@ -418,8 +418,9 @@ def _side_by_side(
     try:
         for i, name in enumerate(names):
             tag = f"{name}-{i}-{run_tag}"
-            env = _cdranon_env(name, bootstrap, tag, f"{tag}-g", hsm, input_topic=src)
-            procs[name] = (Proc(["service.cli", "run"], env), f"{tag}-g")
+            group = f"{tag}-g"
+            env = _cdranon_env(name, bootstrap, tag, group, hsm, input_topic=src)
+            procs[name] = (Proc(["service.cli", "run"], env), group)
         total = len(warm)
         _produce(bootstrap, src, warm)
         for _, group in procs.values():

@@ -418,7 +418,7 @@ def proof_for(
             doc = orjson.loads(value)
             if doc.get("cdr_id") != cdr_id:
                 continue
-            digests = [_leaf(v, added)[0] or bytes(32) for _, v in inside]
+            digests = [_leaf(v, added)[0] or _NO_DIGEST for _, v in inside]
             billing = billing_part(doc, added)
             return {
                 "cdr_id": cdr_id,
@@ -459,7 +459,7 @@ def proof_for_batch(
         members = {lf[1]: v for _, _, v, lf in recs if lf is not None and lf[0] == batch}
         if sorted(members) != list(range(ev.size)):
             return None
-        digests = [_leaf(members[i], added)[0] or bytes(32) for i in range(ev.size)]
+        digests = [_leaf(members[i], added)[0] or _NO_DIGEST for i in range(ev.size)]
         doc = orjson.loads(value)
         return {
             "cdr_id": cdr_id,
