@@ -84,6 +84,14 @@ group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 # The retention controller deletes month topics; the tests exercise that.
 delete.topic.enable=true
+# A single node must not do a controlled shutdown: it leaves every partition without a
+# leader while the transaction coordinator is still writing the markers of a commit, and
+# the coordinator then skips those markers ("partitions are likely deleted already") and
+# records the commit complete. Output and offsets of that transaction stay unmarked: the
+# next abort of the same producer aborts them, the next commit makes them visible, so
+# records are lost or duplicated (docs/reliability.md, scenario 2). Without it the commit
+# stays "prepared" in the transaction log and its markers are written after the restart.
+controlled.shutdown.enable=false
 PROPS
     cat >"$dir/log4j2.yaml" <<LOG
 Configuration:

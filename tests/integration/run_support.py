@@ -224,6 +224,56 @@ class Processor:
             f"owned={self.owned()} last={self.raw[-12:]}"
         )
 
+    # What a duplicate or a stall is explained by: the runner's transaction and group
+    # decisions (kafka_error and batch_committed lines would drown them).
+    _STORY = frozenset(
+        {
+            "runner_starting",
+            "partitions_assigned",
+            "partitions_revoked",
+            "partitions_lost",
+            "transaction_aborting",
+            "rewound",
+            "producer_stuck",
+            "kafka_clients_restarting",
+            "send_offsets_retry",
+            "commit_retry",
+            "committed_unavailable",
+            "broker_unavailable",
+            "stop_requested",
+            "stop_grace_expired",
+            "fatal",
+        }
+    )
+
+    def story(self, last: int = 60) -> str:
+        """The runner's decisions in order (repeats folded, ``batch_committed`` counted
+        between them), for the message of a failed exactly-once or progress check."""
+        out: list[str] = []
+        committed = 0
+        prev = ""
+        with self._cond:
+            lines = list(self.lines)
+        for d in lines:
+            ev = str(d.get("event", ""))
+            if ev == "batch_committed":
+                committed += 1
+                continue
+            if ev not in self._STORY:
+                continue
+            if committed:
+                out.append(f"  ({committed} batches committed)")
+                committed = 0
+            detail = {k: v for k, v in d.items() if k not in ("event", "level", "logger", "ts")}
+            line = f"  {d.get('ts', '')} {ev} {detail}"
+            if ev == prev and out and out[-1].endswith("(repeated)"):
+                continue
+            out.append(line if ev != prev else f"  {ev} (repeated)")
+            prev = ev
+        if committed:
+            out.append(f"  ({committed} batches committed)")
+        return f"{self.name}:\n" + "\n".join(out[-last:])
+
     def wait_for(self, event: str, n: int = 1, timeout_s: float = 60.0) -> dict[str, Any]:
         """Wait for the ``n``-th line with this event; AssertionError at the deadline."""
         deadline = time.monotonic() + timeout_s

@@ -15,6 +15,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 # confluent_kafka.admin re-exports OffsetSpec without declaring it.
+from service.kafka.audit_txn import LEAF_HEADER
 from service.kafka.topics import TopicNames
 from tests.integration.kafka_helpers import Record, _headers, unique_name
 from tests.integration.run_support import Outputs, Sent, lso_and_high
@@ -119,6 +120,30 @@ def exactly_once(sent: Sent, out: Outputs) -> tuple[int, int]:
     lost = sum(1 for p in sent.position if ids[p] == 0)
     dup = sum(n - 1 for n in ids.values() if n > 1)
     return lost, dup
+
+
+def explain_duplicates(sent: Sent, out: Outputs, limit: int = 12) -> str:
+    """Where the duplicated inputs were written: per input position, each output copy's
+    topic, partition, offset and leaf (the writing batch), so a failure names the batches
+    and process runs involved instead of only a count. Empty when nothing is duplicated."""
+    copies: dict[tuple[int, int], list[str]] = {}
+    pos_of = _positions(sent)
+    for r in out.sanitised:
+        leaf = dict(r.headers).get(LEAF_HEADER) or b"-"
+        where = f"{r.topic}[{r.partition}]@{r.offset} leaf={leaf.decode(errors='replace')}"
+        copies.setdefault(pos_of[orjson.loads(r.value or b"{}")["cdr_id"]], []).append(where)
+    for r in out.rejected:
+        h = dict(r.headers)
+        pos = (int(h["source_partition"] or b"-1"), int(h["source_offset"] or b"-1"))
+        copies.setdefault(pos, []).append(f"{r.topic}[{r.partition}]@{r.offset}")
+    dups = sorted((p, c) for p, c in copies.items() if len(c) > 1)
+    if not dups:
+        return ""
+    lines = [f"{len(dups)} input(s) written more than once (input partition, offset: copies):"]
+    lines += [f"  {p}: {'; '.join(c)}" for p, c in dups[:limit]]
+    if len(dups) > limit:
+        lines.append(f"  ... and {len(dups) - limit} more")
+    return "\n".join(lines)
 
 
 def _positions(sent: Sent) -> dict[str, tuple[int, int]]:

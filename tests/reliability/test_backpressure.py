@@ -34,7 +34,7 @@ from tests.integration.run_support import (
     wait_all_committed,
     write_config,
 )
-from tests.reliability.streams import exactly_once
+from tests.reliability.streams import exactly_once, explain_duplicates
 from tests.reliability.support import DedicatedBroker, free_port, wait_until
 
 N = 60_000
@@ -171,12 +171,19 @@ def test_full_producer_queue_pauses_and_sigterm_never_commits_unwritten_output(
         try:
             wait_all_committed(bootstrap, group, names.raw, timeout_s=180)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; {final.summary()}; {stuck.summary()}") from None
+            raise AssertionError(
+                f"{exc}; {final.summary()}; {stuck.summary()}\n"
+                f"{proc.story()}\n{stuck.story()}\n{final.story()}"
+            ) from None
         assert final.terminate() == 0, final.raw[-5:]
     finally:
         final.close()
     out = read_outputs(bootstrap, prefix, len(sent.values))
-    assert exactly_once(sent, out) == (0, 0)
+    lost_dup = exactly_once(sent, out)
+    assert lost_dup == (0, 0), (
+        f"lost, duplicated {lost_dup}\n{explain_duplicates(sent, out)}\n"
+        f"{proc.story()}\n{stuck.story()}\n{final.story()}"
+    )
     verdict = check_invariants(sent, out, prefix, f"file://{keys}", env)
     assert verdict.sanitised + verdict.rejected == len(sent.values)
     print(
