@@ -92,6 +92,11 @@ delete.topic.enable=true
 # records are lost or duplicated (docs/reliability.md, scenario 2). Without it the commit
 # stays "prepared" in the transaction log and its markers are written after the restart.
 controlled.shutdown.enable=false
+# For the same reason the broker must not fence itself: its controller, in the same
+# process, does so when the broker's heartbeat is older than this (9 s by default), e.g.
+# after the process was stopped (SIGSTOP, a laptop's sleep) and resumed, which leaves
+# every partition leaderless at once. One node has no one to hand over to anyway.
+broker.session.timeout.ms=600000
 PROPS
     cat >"$dir/log4j2.yaml" <<LOG
 Configuration:

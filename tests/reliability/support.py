@@ -152,8 +152,10 @@ transaction.state.log.num.partitions=4
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 delete.topic.enable=true
-# One node: see deploy/kafka/kafka.sh (a controlled shutdown drops commit markers).
+# One node: see deploy/kafka/kafka.sh (either would leave partitions leaderless and the
+# transaction coordinator then drops commit markers).
 controlled.shutdown.enable=false
+broker.session.timeout.ms=600000
 """
 
 _LOG4J = """Configuration:

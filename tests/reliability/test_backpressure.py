@@ -173,11 +173,14 @@ def test_full_producer_queue_pauses_and_sigterm_never_commits_unwritten_output(
         except AssertionError as exc:
             raise AssertionError(
                 f"{exc}; {final.summary()}; {stuck.summary()}\n"
-                f"{proc.story()}\n{stuck.story()}\n{final.story()}"
+                f"{proc.story()}\n{stuck.story()}\n{final.story()}\n"
+                f"broker skipped transaction markers: {broker.skipped_txn_markers()}"
             ) from None
         assert final.terminate() == 0, final.raw[-5:]
     finally:
         final.close()
+    # Every commit's markers written by the broker (see the restart test).
+    assert broker.skipped_txn_markers() == [], broker.skipped_txn_markers()
     out = read_outputs(bootstrap, prefix, len(sent.values))
     lost_dup = exactly_once(sent, out)
     assert lost_dup == (0, 0), (
