@@ -574,14 +574,25 @@ class Runner:
         self._producer = Producer(self._pconf)
         self._blocking_since = None
         self._in_txn = False
-        if self._chain is not None:
-            self._chain.aborted()
         # init_transactions with the same transactional.id bumps the epoch: the stuck
         # producer is fenced and its open transaction aborted by the coordinator.
         self._retry_kafka("init_transactions", self._init_transactions)
+        # ... unless its commit was already prepared: the coordinator completes it, and
+        # then its audit events are the chain. Forgetting them (as for an abort) would
+        # reuse their sequence numbers and fork the chain: read the head again instead.
+        self._retry_kafka("audit_head", self._resync_chain)
         self._m.transactions.labels("aborted").inc()
         self.stats.aborted += 1
         self._rewind(batch)
+
+    def _resync_chain(self) -> None:
+        """Resume the audit chain from its newest committed event in the topic (called when
+        the last transaction's outcome is unknown here, after it was settled)."""
+        chain = self._chain
+        if chain is None:
+            return
+        head = find_head(admin_config(self._s), self.audit_topic, chain.writer)
+        self._chain = TxnAuditChain(chain.key, chain.writer, head)
 
     def _failed(self, exc: KafkaException, batch: list[Message]) -> None:
         """A transaction failed: fatal -> KafkaFatalError; otherwise abort and rewind."""
