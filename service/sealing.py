@@ -63,12 +63,17 @@ class BatchSealer:
 
     def seal(self, identifiers: dict[str, object], cdr_id: str) -> str:
         """Seal a record's identifiers (field -> value as received); returns base64 text."""
+        return self.seal_b64(dumps(identifiers), cdr_id).decode()
+
+    def seal_b64(self, plaintext: bytes, cdr_id: str) -> bytes:
+        """Seal the JSON object of a record's identifiers; returns the blob as base64
+        bytes (ASCII), ready to splice into a JSON document without another copy."""
         n = self._counter = self._counter + 1
         if n > _MAX_PER_BATCH:
             raise SealError("too many records in one sealing batch (limit 2^32 - 1)")
         nonce = n.to_bytes(12, "big")  # 32 zero bits + the 64-bit counter
-        ct = self._aead.encrypt(nonce, dumps(identifiers), self._aad_prefix + cdr_id.encode())
-        return b2a_base64(self._header + nonce + ct, newline=False).decode()
+        ct = self._aead.encrypt(nonce, plaintext, self._aad_prefix + cdr_id.encode())
+        return b2a_base64(self._header + nonce + ct, newline=False)
 
 
 def blob_key_id(blob: str) -> str:
