@@ -95,7 +95,9 @@ controlled.shutdown.enable=false
 # For the same reason the broker must not fence itself: its controller, in the same
 # process, does so when the broker's heartbeat is older than this (9 s by default), e.g.
 # after the process was stopped (SIGSTOP, a laptop's sleep) and resumed, which leaves
-# every partition leaderless at once. One node has no one to hand over to anyway.
+# every partition leaderless at once. One node has no one to hand over to anyway. (A
+# broker restarted on its old data would wait this long to register again; this script
+# formats fresh storage on every start, so it never does.)
 broker.session.timeout.ms=600000
 PROPS
     cat >"$dir/log4j2.yaml" <<LOG

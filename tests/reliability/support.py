@@ -153,9 +153,12 @@ group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 delete.topic.enable=true
 # One node: see deploy/kafka/kafka.sh (either would leave partitions leaderless and the
-# transaction coordinator then drops commit markers).
+# transaction coordinator then drops commit markers). 30 s, not more: these brokers are
+# restarted on their data, and a new incarnation registers only once the old one's
+# session has expired (initial.broker.registration.timeout.ms is 60 s); the longest
+# freeze in the tests is ~15 s.
 controlled.shutdown.enable=false
-broker.session.timeout.ms=600000
+broker.session.timeout.ms=30000
 """
 
 _LOG4J = """Configuration:
