@@ -84,20 +84,17 @@ group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 # The retention controller deletes month topics; the tests exercise that.
 delete.topic.enable=true
-# A single node must not do a controlled shutdown: it leaves every partition without a
-# leader while the transaction coordinator is still writing the markers of a commit, and
-# the coordinator then skips those markers ("partitions are likely deleted already") and
-# records the commit complete. Output and offsets of that transaction stay unmarked: the
-# next abort of the same producer aborts them, the next commit makes them visible, so
-# records are lost or duplicated (docs/reliability.md, scenario 2). Without it the commit
-# stays "prepared" in the transaction log and its markers are written after the restart.
+# On one node, Kafka's transaction coordinator drops the markers of a commit it is
+# completing when the partitions lose their leader, and records the commit complete: the
+# next transaction of that producer then aborts or exposes those records (a Kafka bug,
+# docs/reliability.md, scenario 2). Two things leave every partition leaderless here, so
+# both are off: a controlled shutdown (SIGTERM), and the controller fencing its own broker
+# when its heartbeat is older than the session (9 s by default), e.g. after the process
+# was stopped (SIGSTOP, a laptop's sleep) and resumed. (Off is safe only because this
+# script formats fresh storage on every start: a broker restarted on its data without a
+# controlled shutdown registers again only once the old session expired, and is fenced
+# in between.)
 controlled.shutdown.enable=false
-# For the same reason the broker must not fence itself: its controller, in the same
-# process, does so when the broker's heartbeat is older than this (9 s by default), e.g.
-# after the process was stopped (SIGSTOP, a laptop's sleep) and resumed, which leaves
-# every partition leaderless at once. One node has no one to hand over to anyway. (A
-# broker restarted on its old data would wait this long to register again; this script
-# formats fresh storage on every start, so it never does.)
 broker.session.timeout.ms=600000
 PROPS
     cat >"$dir/log4j2.yaml" <<LOG

@@ -152,13 +152,6 @@ transaction.state.log.num.partitions=4
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 delete.topic.enable=true
-# One node: see deploy/kafka/kafka.sh (either would leave partitions leaderless and the
-# transaction coordinator then drops commit markers). 30 s, not more: these brokers are
-# restarted on their data, and a new incarnation registers only once the old one's
-# session has expired (initial.broker.registration.timeout.ms is 60 s); the longest
-# freeze in the tests is ~15 s.
-controlled.shutdown.enable=false
-broker.session.timeout.ms=30000
 """
 
 _LOG4J = """Configuration:
@@ -227,6 +220,32 @@ class DedicatedBroker:
             self._cp,
             *args,
         ]
+
+    def transaction_state(self, transactional_id: str) -> str:
+        """The coordinator's state of a transactional id (``Ongoing``, ``PrepareCommit``,
+        ``CompleteCommit``, ...), from Kafka's own ``kafka-transactions`` tool."""
+        out = subprocess.run(
+            [
+                "java",
+                "-cp",
+                self._cp,
+                "org.apache.kafka.tools.TransactionsCommand",
+                "--bootstrap-server",
+                self.bootstrap,
+                "describe",
+                "--transactional-id",
+                transactional_id,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        rows = [[c.strip() for c in line.split("\t")] for line in out.stdout.splitlines()]
+        rows = [r for r in rows if any(r)]
+        if out.returncode != 0 or len(rows) < 2 or "TransactionState" not in rows[0]:
+            raise AssertionError(f"kafka-transactions describe failed: {out.stderr[-500:]}")
+        return rows[1][rows[0].index("TransactionState")]
 
     def skipped_txn_markers(self) -> list[str]:
         """Lines where the broker's transaction coordinator skipped a transaction's markers
