@@ -514,12 +514,12 @@ class Runner:
         producer = self._producer
         while True:
             try:
-                self._blocking_since = time.monotonic()
+                self._mark_blocking(producer, time.monotonic())
                 producer.send_offsets_to_transaction(tps, group, _TXN_TIMEOUT_S)
-                self._blocking_since = None
+                self._mark_blocking(producer, None)
                 break
             except KafkaException as exc:
-                self._blocking_since = None
+                self._mark_blocking(producer, None)
                 err = kafka_error(exc)
                 if not err.retriable() or err.fatal() or err.txn_requires_abort() or self._stop:
                     raise
@@ -535,6 +535,13 @@ class Runner:
                 time.sleep(delay)  # the call's outcome is pending; retry it as is
                 delay = min(delay * 2, self._s.retry.backoff_max_s)
         self._commit(producer)
+
+    def _mark_blocking(self, producer: Producer, since: float | None) -> None:
+        """Start (a time) or stop (None) the watchdog's clock of a blocking transaction call;
+        ignored for a replaced producer, whose call may still be running on its helper
+        thread and must not stop or restart the clock of the current one."""
+        if producer is self._producer:
+            self._blocking_since = since
 
     def _finish_pending(self) -> bool:
         """Wait for the batch committing on the helper thread; True if it committed (or
@@ -746,9 +753,9 @@ class Runner:
         delay = self._s.retry.backoff_initial_s
         while True:
             try:
-                self._blocking_since = time.monotonic()
+                self._mark_blocking(producer, time.monotonic())
                 producer.commit_transaction(_TXN_TIMEOUT_S)
-                self._blocking_since = None
+                self._mark_blocking(producer, None)
                 if producer is not self._producer:
                     return  # replaced meanwhile (stuck): its outcome no longer counts
                 self._in_txn = False
@@ -756,7 +763,7 @@ class Runner:
                     self._chain.committed()
                 return
             except KafkaException as exc:
-                self._blocking_since = None
+                self._mark_blocking(producer, None)
                 err = kafka_error(exc)
                 if not err.retriable() or err.fatal() or err.txn_requires_abort():
                     raise
