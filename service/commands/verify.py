@@ -80,10 +80,10 @@ def register(subparsers: Any) -> None:
         type=int,
         default=1,
         metavar="N",
-        # Default 1: a fork pays only with an idle core. On the 2-core benchmark machine,
-        # shared with other load, 2 jobs took longer than 1 (docs/integrity.md).
-        help="processes that parse and hash records (default 1; forked workers share "
-        "the month read into memory: use only with idle cores)",
+        # Default 1: on the 2-vCPU benchmark machine 2 jobs only matched 1 (the processes
+        # contend for memory bandwidth; docs/integrity.md).
+        help="processes that parse and hash records (default 1; each extra one gets a "
+        "share of the month: use with idle cores)",
     )
     add_policy_flag(p)
     add_config_flag(p)
