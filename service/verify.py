@@ -203,6 +203,12 @@ def _columns_of_blob(
     return b"".join(cols.digests), b"".join(cols.leaves), bytes(cols.status), cols.ids
 
 
+def _packed(values: list[bytes]) -> tuple[bytes, bytes]:
+    """A worker's share as :func:`_columns_of_blob` takes it: the values concatenated, and
+    their end offsets as unsigned 64-bit integers."""
+    return b"".join(values), array("Q", accumulate(map(len, values))).tobytes()
+
+
 # Below this many records per process a worker costs more than it saves.
 _MIN_SHARE = 25_000
 
@@ -233,13 +239,7 @@ def _columns(values: list[bytes], added: frozenset[str], jobs: int) -> _Columns:
     ctx.set_forkserver_preload(["service.verify"])
     with ProcessPoolExecutor(len(bounds) - 1, mp_context=ctx) as pool:
         futures = [
-            pool.submit(
-                _columns_of_blob,
-                b"".join(values[lo:hi]),
-                array("Q", accumulate(map(len, values[lo:hi]))).tobytes(),
-                added,
-            )
-            for lo, hi in bounds[1:]
+            pool.submit(_columns_of_blob, *_packed(values[lo:hi]), added) for lo, hi in bounds[1:]
         ]
         out.add(values[bounds[0][0] : bounds[0][1]], added)
         parts = [f.result() for f in futures]

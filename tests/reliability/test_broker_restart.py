@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from service.config import load_settings
 from service.generator import generate_cdrs
+from service.kafka.clients import transactional_id
 from service.kafka.topics import TopicNames
 from service.keystore import generate_master_key
 from service.months import now_utc
@@ -81,7 +83,7 @@ def test_processor_survives_clean_and_hard_broker_restarts(
         instance_id="restart-0",
     )
     proc = Processor(cfg, env, name="survivor")
-    txn = "cdranon-restart-0"  # <transactional_id_prefix>-<instance_id>
+    txn = transactional_id(load_settings(cfg))
     outages: list[str] = []
     try:
         for how in ("clean", "kill -9"):
