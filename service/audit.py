@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from service.errors import AuditError, AuditWriteError, ConfigError
+from service.errors import AuditError, AuditUnavailableError, AuditWriteError, ConfigError
 
 VERSION: Final = 1
 GENESIS: Final = "0" * 64
@@ -683,7 +683,8 @@ def find_topic_head(
 
     Reads backwards from the end in growing ranges (read_committed), so a writer that
     wrote recently is found without reading the whole log. None: the writer never wrote.
-    Raises AuditError if that event is damaged (never extend a broken chain).
+    Raises AuditUnavailableError if the topic cannot be read right now (worth retrying),
+    a plain AuditError if that event is damaged (never extend a broken chain).
     """
     marker = _writer_marker(writer)
     low, high = _watermarks(conf, topic, timeout_s)
@@ -715,7 +716,9 @@ def ensure_audit_topic(conf: Mapping[str, str], topic: str, *, timeout_s: float 
     """Create the audit topic if missing (1 partition, kept forever); check it if present.
 
     One partition gives the log one order; ``retention.ms=-1`` and ``cleanup.policy=delete``
-    because compaction by writer key, or time retention, would delete history.
+    because compaction by writer key, or time retention, would delete history. Raises
+    AuditUnavailableError if the broker does not answer (worth retrying), a plain AuditError
+    otherwise (not authorised, wrong partition count).
     """
     from confluent_kafka import KafkaException  # noqa: PLC0415
     from confluent_kafka.admin import AdminClient  # noqa: PLC0415
@@ -746,7 +749,7 @@ def ensure_audit_topic(conf: Mapping[str, str], topic: str, *, timeout_s: float 
             _await_leader(admin, topic, timeout_s)
             return
     except KafkaException as exc:
-        raise AuditError(f"cannot open audit topic {topic}: {exc}") from None
+        raise _kafka_failure(f"cannot open audit topic {topic}", exc) from None
     if len(tm.partitions) != 1:
         raise AuditError(
             f"audit topic {topic} has {len(tm.partitions)} partitions; it needs exactly 1 "
@@ -765,7 +768,43 @@ def _await_leader(admin: Any, topic: str, timeout_s: float) -> None:
         ):
             return
         time.sleep(0.05)  # metadata propagation, bounded by the deadline
-    raise AuditError(f"audit topic {topic} has no leader after {timeout_s}s")
+    raise AuditUnavailableError(
+        f"audit topic {topic} has no leader after {timeout_s}s", code="LEADER_NOT_AVAILABLE"
+    )
+
+
+def _kafka_failure(what: str, exc: Exception) -> AuditError:
+    """AuditUnavailableError if ``exc`` is a Kafka error that passes (broker down, timed out,
+    leader moving), a plain AuditError if retrying cannot cure it (not authorised, no such
+    topic)."""
+    from confluent_kafka import KafkaError  # noqa: PLC0415
+
+    err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError) and (err.retriable() or err.code() in _passing_codes()):
+        return AuditUnavailableError(f"{what}: {exc}", code=err.name())
+    return AuditError(f"{what}: {exc}")
+
+
+def _passing_codes() -> tuple[int, ...]:
+    # Errors built from a bare error code (get_watermark_offsets, list_topics) never carry
+    # the retriable flag: the codes that mean "not reachable now" are named here.
+    from confluent_kafka import KafkaError  # noqa: PLC0415
+
+    return (
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
+        KafkaError._RESOLVE,
+        KafkaError._WAIT_COORD,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.NOT_CONTROLLER,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    )
 
 
 def _consumer(conf: Mapping[str, str]) -> Any:
@@ -790,7 +829,7 @@ def _watermarks(conf: Mapping[str, str], topic: str, timeout_s: float) -> tuple[
     try:
         low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout_s)
     except KafkaException as exc:
-        raise AuditError(f"cannot read audit topic {topic}: {exc}") from None
+        raise _kafka_failure(f"cannot read audit topic {topic}", exc) from None
     finally:
         c.close()
     return int(low), int(high)
@@ -801,8 +840,10 @@ def read_partition(
 ) -> list[tuple[int, bytes | None]]:
     """(offset, value) of partition 0 of ``topic`` from ``start`` up to ``end`` (exclusive).
 
-    ``end`` None: the high watermark at the call. Raises AuditError if the end is not
-    reached within ``timeout_s`` or the broker reports an error.
+    ``end`` None: the high watermark at the call. Raises AuditUnavailableError if the
+    broker cannot be reached or the end is not reached within ``timeout_s`` (the broker is
+    away, or a transaction on the topic is still open); a plain AuditError if the broker
+    says the partition ends before ``end`` (the log lost records) or refuses the read.
     """
     from confluent_kafka import KafkaError, KafkaException, TopicPartition  # noqa: PLC0415
 
@@ -818,9 +859,7 @@ def read_partition(
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AuditError(
-                    f"reading audit topic {topic}: offset {end} not reached within {timeout_s}s"
-                )
+                raise _not_reached(c, topic, end, timeout_s)
             msg = c.poll(min(0.5, remaining))
             if msg is None:
                 continue
@@ -840,9 +879,36 @@ def read_partition(
             if off == end - 1:
                 return out
     except KafkaException as exc:
-        raise AuditError(f"cannot read audit topic {topic}: {exc}") from None
+        raise _kafka_failure(f"cannot read audit topic {topic}", exc) from None
     finally:
         c.close()
+
+
+def _not_reached(c: Any, topic: str, end: int, timeout_s: float) -> AuditError:
+    """Why a read did not reach ``end`` in time: the log lost records, or it is unavailable.
+
+    ``end`` came from the broker (its watermark, or a log read before). If the partition is
+    now shorter, records were lost (a truncating leader election, a re-created topic) and
+    waiting cannot cure it. Otherwise the broker is away, or a transaction on the topic is
+    still open: the high watermark of the last fetch response is compared, not the last
+    stable offset, so an open transaction's records count as there. No response at all
+    leaves it at -1: unavailable.
+    """
+    from confluent_kafka import KafkaException, TopicPartition  # noqa: PLC0415
+
+    try:
+        _, high = c.get_watermark_offsets(TopicPartition(topic, 0), cached=True)
+    except KafkaException:
+        high = -1
+    if high is not None and 0 <= high < end:
+        return AuditError(
+            f"audit topic {topic} ends at offset {high}, before offset {end} that it held: "
+            "records were lost (a truncated or re-created topic); run `cdranon audit verify`"
+        )
+    return AuditUnavailableError(
+        f"reading audit topic {topic}: offset {end} not reached within {timeout_s}s",
+        code="_TIMED_OUT",
+    )
 
 
 def _position(c: Any, topic: str) -> int:

@@ -85,5 +85,18 @@ class AuditError(CdranonError):
     """The audit log could not be opened, read or written (which target, why)."""
 
 
+class AuditUnavailableError(AuditError):
+    """The audit topic cannot be read right now (broker down, timed out, no leader).
+
+    The log itself may be fine: a long-running caller backs off and retries. A plain
+    AuditError (a damaged chain, a topic with the wrong layout) is never retried.
+    ``code``: the Kafka error's name (``_TIMED_OUT`` when a read did not finish in time).
+    """
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class AuditWriteError(AuditError):
     """An audit event was not durably written: the audited action must not be reported done."""

@@ -61,7 +61,7 @@ from confluent_kafka.admin import AdminClient
 
 from service.audit import default_audit_dir, ensure_audit_topic, load_signing_key
 from service.config import Settings
-from service.errors import KafkaFatalError, KeystoreUnavailableError
+from service.errors import AuditUnavailableError, KafkaFatalError, KeystoreUnavailableError
 from service.kafka.audit_txn import LEAF_HEADER, TxnAuditChain, find_head
 from service.kafka.clients import (
     admin_config,
@@ -82,6 +82,9 @@ _LOG = logging.getLogger("cdranon.runner")
 _TXN_TIMEOUT_S = 30.0
 # A transaction call still blocked this long after it started is stuck (see _Background).
 _STUCK_S = _TXN_TIMEOUT_S + 15.0
+# One attempt to read the audit chain's head; past it the topic counts as unavailable and
+# the read is retried with the broker back-off (AuditUnavailableError).
+_AUDIT_READ_TIMEOUT_S = 30.0
 # How long closing the consumer (leaving the group) may take at exit.
 _CLOSE_WAIT_S = 10.0
 # Months ahead are re-checked this often, so next month's topics exist before it starts.
@@ -176,6 +179,7 @@ class Runner:
         self._integrity = settings.integrity.enabled and transformer.integrity
         self.audit_topic = settings.integrity.audit_topic or self.names.audit
         self._chain: TxnAuditChain | None = None
+        self._audit_timeout_s = _AUDIT_READ_TIMEOUT_S
         # Leaves are tagged "<batch id>/<index>"; a batch id is unique across processes and
         # restarts (random per process + a counter), so a root names exactly its records
         # even when several processors write into one partition.
@@ -258,7 +262,11 @@ class Runner:
 
     def _init_integrity(self) -> None:
         """Open the in-transaction audit chain (after init_transactions: the previous
-        incarnation's open transaction is aborted by then, so the head is the committed one)."""
+        incarnation's open transaction is aborted by then, so the head is the committed one).
+
+        An audit topic that cannot be read yet is waited for, like the broker at
+        init_transactions; a damaged chain ends the run (AuditError).
+        """
         if not self._integrity:
             return
         a = self._s.audit
@@ -269,9 +277,15 @@ class Runner:
             dev_dir=default_audit_dir(os.environ),
         )
         conf = admin_config(self._s)
-        ensure_audit_topic(conf, self.audit_topic)
         writer = f"processor/{self.txn_id}"
-        self._chain = TxnAuditChain(key, writer, find_head(conf, self.audit_topic, writer))
+        timeout_s = self._audit_timeout_s
+
+        def open_chain() -> None:
+            ensure_audit_topic(conf, self.audit_topic, timeout_s=timeout_s)
+            head = find_head(conf, self.audit_topic, writer, timeout_s=timeout_s)
+            self._chain = TxnAuditChain(key, writer, head)
+
+        self._retry_kafka("audit_head", open_chain)
 
     def _init_transactions(self) -> None:
         self._producer.init_transactions(_TXN_TIMEOUT_S)
@@ -594,11 +608,17 @@ class Runner:
 
     def _resync_chain(self) -> None:
         """Resume the audit chain from its newest committed event in the topic (called when
-        the last transaction's outcome is unknown here, after it was settled)."""
+        the last transaction's outcome is unknown here, after it was settled).
+
+        AuditUnavailableError if the topic cannot be read now (the caller retries); a plain
+        AuditError if the chain is damaged (never retried, never extended).
+        """
         chain = self._chain
         if chain is None:
             return
-        head = find_head(admin_config(self._s), self.audit_topic, chain.writer)
+        head = find_head(
+            admin_config(self._s), self.audit_topic, chain.writer, timeout_s=self._audit_timeout_s
+        )
         self._chain = TxnAuditChain(chain.key, chain.writer, head)
 
     def _failed(self, exc: KafkaException, batch: list[Message]) -> None:
@@ -888,23 +908,33 @@ class Runner:
             self._paused = None
 
     def _retry_kafka(self, what: str, fn: Callable[[], None]) -> None:
-        """Run ``fn``; on a retriable Kafka error back off and retry, paused on 'broker'."""
+        """Run ``fn``; on a retriable Kafka error, or an audit topic that cannot be read now
+        (AuditUnavailableError), back off and retry, paused on 'broker'.
+
+        Any other error ends the run: a fatal or non-retriable Kafka error as
+        KafkaFatalError, a damaged audit chain (a plain AuditError) as it is. While stopping,
+        the error of the attempt is raised instead of waiting for the broker.
+        """
         delay = self._s.retry.backoff_initial_s
         while True:
             try:
                 fn()
                 break
-            except KafkaException as exc:
-                err = kafka_error(exc)
-                if err.fatal() or not err.retriable():
-                    raise _fatal_error(err, what) from None
+            except (KafkaException, AuditUnavailableError) as exc:
+                if isinstance(exc, AuditUnavailableError):
+                    code, text = exc.code, str(exc)
+                else:
+                    err = kafka_error(exc)
+                    if err.fatal() or not err.retriable():
+                        raise _fatal_error(err, what) from None
+                    code, text = err.name(), err.str()
                 log_event(
                     _LOG,
                     "broker_unavailable",
                     level=logging.WARNING,
                     during=what,
-                    code=err.name(),
-                    error=err.str(),
+                    code=code,
+                    error=text,
                     retry_in_s=round(delay, 3),
                 )
                 self._m.retries.labels("broker").inc()

@@ -18,14 +18,16 @@ from service import cli
 from service.audit import (
     ENV_SIGNING_KEY,
     SigningKey,
+    ensure_audit_topic,
     event_hash,
+    find_topic_head,
     load_signing_key,
     open_auditor,
     public_key_pem,
     read_partition,
     verify,
 )
-from service.errors import AuditError
+from service.errors import AuditError, AuditUnavailableError
 from tests.integration.kafka_helpers import consume_until, unique_name
 
 KEY_B64 = base64.b64encode(bytes(range(1, 33))).decode()
@@ -131,5 +133,82 @@ def test_a_topic_with_several_partitions_is_refused(
 def test_an_unreachable_broker_fails_the_open() -> None:
     # Nothing listens on port 1: opening (which reads the topic) fails with AuditError,
     # so no action can be reported as audited.
-    with pytest.raises(AuditError):
+    with pytest.raises(AuditUnavailableError):
         open_auditor("kafka://127.0.0.1:1/cdr.audit", signing_key=KEY, writer="w", timeout_s=3)
+
+
+_NO_BROKER = {"bootstrap.servers": "127.0.0.1:1"}  # nothing listens on port 1
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        pytest.param(lambda: ensure_audit_topic(_NO_BROKER, "cdr.audit", timeout_s=1), id="open"),
+        pytest.param(lambda: read_partition(_NO_BROKER, "cdr.audit", 0, None, 1), id="watermarks"),
+        pytest.param(lambda: read_partition(_NO_BROKER, "cdr.audit", 0, 5, 1), id="fetch"),
+        pytest.param(lambda: find_topic_head(_NO_BROKER, "cdr.audit", "w", timeout_s=1), id="head"),
+    ],
+)
+def test_an_unreachable_broker_makes_the_topic_unavailable(read: Callable[[], object]) -> None:
+    # Unavailable: a long-running caller (the processor) waits and retries.
+    with pytest.raises(AuditUnavailableError, match=r"cdr\.audit") as exc:
+        read()
+    assert exc.value.code in {"_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT"}
+
+
+def test_a_damaged_event_is_an_error_not_an_unavailable_topic(
+    kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    topic = new_topic(partitions=1)
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    with open_auditor(f"kafka://{kafka_bootstrap}/{topic}", signing_key=KEY, writer="w") as a:
+        a.record("retention.pass", actor="r")
+    # The newest event of "w" ends with its writer field but is not a whole event.
+    p = Producer(conf)
+    p.produce(topic, b'{"seq":"torn","writer":"w"}', partition=0)
+    assert p.flush(30) == 0
+    with pytest.raises(AuditError, match="damaged event of writer w") as exc:
+        find_topic_head(conf, topic, "w", timeout_s=10)
+    assert not isinstance(exc.value, AuditUnavailableError)
+
+
+def test_a_partition_shorter_than_its_known_end_is_an_error_not_unavailable(
+    kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    # An end the broker no longer has: records were lost (a truncated or re-created topic),
+    # which no wait cures.
+    topic = new_topic(partitions=1)
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    p = Producer(conf)
+    for i in range(3):
+        p.produce(topic, b"event %d" % i, partition=0)
+    assert p.flush(30) == 0
+    with pytest.raises(AuditError, match="ends at offset 3, before offset 10") as exc:
+        read_partition(conf, topic, 0, 10, timeout_s=2)
+    assert not isinstance(exc.value, AuditUnavailableError)
+
+
+def test_an_open_transaction_past_the_end_is_unavailable_not_lost_records(
+    kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    # Records of a transaction still open are there but not readable (read_committed): the
+    # read waits for them and, timed out, says unavailable; once committed they are read.
+    topic = new_topic(partitions=1)
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    p = Producer(conf)
+    p.produce(topic, b"committed", partition=0)
+    assert p.flush(30) == 0
+    txn = Producer({**conf, "transactional.id": unique_name("audit-open-txn")})
+    txn.init_transactions(30)
+    txn.begin_transaction()
+    for value in (b"open 1", b"open 2"):
+        txn.produce(topic, value, partition=0)
+    assert txn.flush(30) == 0
+    with pytest.raises(AuditUnavailableError, match="offset 3 not reached"):
+        read_partition(conf, topic, 0, 3, timeout_s=2)
+    txn.commit_transaction(30)
+    assert [v for _, v in read_partition(conf, topic, 0, 3, timeout_s=10)] == [
+        b"committed",
+        b"open 1",
+        b"open 2",
+    ]
