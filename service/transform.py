@@ -13,7 +13,6 @@ this is the hot path (see benchmarks/transform_bench.py and PERFORMANCE-NOTES.md
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
@@ -35,6 +34,7 @@ from service.fields import (
 )
 from service.identifiers import checker_for, general_field
 from service.integrity import DIGEST_FIELD
+from service.jsonkeys import WS_TO_SPACE, DuplicateKeyError, check_unique
 from service.keyring import Keyring
 from service.keystore.base import key_id
 from service.monthkeys import MonthKeys
@@ -122,40 +122,13 @@ def _stripped_head(month: str) -> bytes:
     return _key("month") + dumps(month) + _key("key_id") + b"null"
 
 
-def _unique_keys_fast(raw: bytes, n_keys: int) -> bool:
-    """True when ``raw`` (parsed into an object of ``n_keys`` keys) surely has no duplicate
-    key at any level; False means: check with :func:`_check_unique_keys`.
-
-    orjson keeps the last of duplicate keys; another parser may keep the first, so a
-    record with duplicates could be billed differently downstream: it is rejected.
-    Without a backslash and without whitespace before a colon, every key in the text ends
-    in ``":`` and a ``":`` is either a key's end or a string value starting with a colon;
-    so ``raw.count(b'":') == n_keys`` proves the text holds exactly the ``n_keys`` distinct
-    top-level keys and no nested one. The exact check (json with a pairs hook) costs ~4 us.
-    The transform inlines this test; this function is its reference.
-    """
-    # One pass for all four whitespace bytes: translate them to a space, then look for " :"
-    # (four separate scans cost ~2 us on a typical CDR; this ~0.8 us).
-    return (
-        raw.count(b'":') == n_keys and b"\\" not in raw and b" :" not in raw.translate(_WS_TO_SPACE)
-    )
-
-
-_WS_TO_SPACE = bytes.maketrans(b"\t\n\r", b"   ")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        # The key is not named: it is input, and could be anything.
-        raise RecordError("invalid_json", None, "an object has a duplicate key")
-    return out
-
-
 def _check_unique_keys(raw: bytes) -> None:
     """RecordError if any object in ``raw`` (already valid JSON for orjson) repeats a key."""
     try:
-        json.loads(raw, object_pairs_hook=_no_duplicates)
+        check_unique(raw)
+    except DuplicateKeyError:
+        # The key is not named: it is input, and could be anything.
+        raise RecordError("invalid_json", None, "an object has a duplicate key") from None
     except RecursionError:
         # Nesting within orjson's limit (1024) but past Python's recursion limit.
         raise RecordError("invalid_json", None, "nested too deeply") from None
@@ -353,11 +326,12 @@ class Transformer:
                     ) from None
                 if type(rec) is not dict:
                     raise RecordError("not_an_object", None, "expected one JSON object per record")
-                # _unique_keys_fast, inline
+                # service.jsonkeys.surely_unique, inline: a record with duplicate keys
+                # could be billed differently downstream, so it is rejected.
                 if (
                     raw.count(b'":') != len(rec)
                     or b"\\" in raw
-                    or b" :" in raw.translate(_WS_TO_SPACE)
+                    or b" :" in raw.translate(WS_TO_SPACE)
                 ):
                     _check_unique_keys(raw)
 

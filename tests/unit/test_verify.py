@@ -13,10 +13,12 @@ from service.merkle import verify_inclusion
 from service.policy import load_policy
 from service.verify import (
     RootEvent,
+    TaggedRecord,
     _leaf,
     leaves_of,
     proof_for,
     root_event_details,
+    verify_batches,
     verify_stream,
 )
 from tests.unit.core_helpers import cdr, make_transformer, now_ms, raw
@@ -176,3 +178,66 @@ def test_columns_equal_the_per_record_leaf() -> None:
     ]
     assert leaves_of(values, added) == [_leaf(v, added) for v in values]
     assert [ok for _, _, ok in leaves_of(values, added)] == [True] + [False] * 9
+
+
+def _forgeries(value: bytes) -> dict[str, bytes]:
+    """Altered records that keep a matching digest where they can, so only the record's
+    text gives them away."""
+    doc = orjson.loads(value)
+    billing = billing_part(doc, ADDED)
+    added = {k: v for k, v in doc.items() if k in ADDED}
+    p = orjson.dumps(dict(reversed(list(billing.items()))))  # not canonical
+    return {
+        # the billing fields reordered, the digest of those bytes stated
+        "reordered": p[:-1]
+        + orjson.dumps({**added, DIGEST_FIELD: sha256(p).hexdigest()}).replace(b"{", b",", 1),
+        # a billing field repeated after the added ones (orjson keeps the last, others
+        # the first) ...
+        "shadowed": value[:-1] + b',"price":0}',
+        # ... or before: a reader keeping the first sees cdr_id "z"
+        "two_ids": value.replace(b'"cdr_id":', b'"cdr_id":"z","cdr_id":', 1),
+        # a repeat nested in a billing value, and one hidden behind an escape
+        "nested_repeat": value.replace(b'{"account_id":', b'{"a":{"b":1,"b":2},"account_id":', 1),
+        "escaped_repeat": value.replace(b'"cdr_id":', b'"cdr_\\u0069d":"z","cdr_id":', 1),
+        # an added field repeated (the digest then reads two ways)
+        "two_digests": value[:-1]
+        + b',"billing_digest":"00"}'.replace(b'"00"', b'"' + b"0" * 64 + b'"'),
+    }
+
+
+def test_forged_records_are_found_in_a_range(
+    stream: tuple[list[tuple[int, bytes]], list[RootEvent]],
+) -> None:
+    """Each forgery, in a signed range or in none, is reported altered."""
+    records, roots = stream
+    k = 7
+    pos, value = records[k]
+    for name, forged in _forgeries(value).items():
+        inside = verify_stream("s", [*records[:k], (pos, forged), *records[k + 1 :]], roots, ADDED)
+        assert [(f.kind, f.position) for f in inside.findings] == [("altered", pos)], name
+        outside = verify_stream("s", [*records, (99, forged)], roots, ADDED)
+        assert ("altered", 99) in [(f.kind, f.position) for f in outside.findings], name
+        assert not _leaf(forged, ADDED)[2], name
+
+
+def test_forged_records_are_found_in_a_batch(tmp_path: Path) -> None:
+    """verify_batches (the --topic path): each forgery is reported altered, tagged or not."""
+    tf = make_transformer(tmp_path)
+    r = tf.transform([raw(cdr(cdr_id=f"c{i}", price=i / 100)) for i in range(9)], now_ms())
+    tagged: list[TaggedRecord] = [
+        ("0", 10 + i, o.value, ("b1", i)) for i, o in enumerate(r.sanitised)
+    ]
+    ev = RootEvent(
+        **{**root_event_details("s", -1, -1, [o.digest or "" for o in r.sanitised]), "batch": "b1"}
+    )
+
+    def kinds(recs: list[TaggedRecord]) -> list[tuple[str, int | None]]:
+        return [(f.kind, f.position) for f in verify_batches("s", recs, [ev], ADDED).findings]
+
+    assert kinds(tagged) == []
+    for name, forged in _forgeries(tagged[7][2]).items():
+        inside: list[TaggedRecord] = [*tagged[:7], ("0", 17, forged, ("b1", 7)), *tagged[8:]]
+        assert kinds(inside) == [("altered", 17)], name
+        outside: list[TaggedRecord] = [*tagged, ("0", 99, forged, None)]
+        # every forgery keeps cdr_id c7 for orjson: a duplicate of the record it copies
+        assert kinds(outside) == [("altered", 99), ("duplicate", None), ("unproven", 99)], name
