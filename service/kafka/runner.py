@@ -72,7 +72,7 @@ from service.kafka.clients import (
 )
 from service.kafka.topics import TopicNames, topic_manager
 from service.logs import log_event
-from service.merkle import leaf_hash, root_from_leaf_hashes
+from service.merkle import leaf_hashes, root_from_leaf_hashes
 from service.metrics import Metrics
 from service.months import now_utc, to_ms
 from service.outputs import BatchResult, OutRecord
@@ -722,19 +722,22 @@ class Runner:
         produce = self._producer.produce
         poll = self._producer.poll
         batch_id = f"{self._leaf_prefix}n{self._batch_seq}"
+        batch_tag = batch_id.encode()
         self._batch_seq += 1
-        leaves: dict[str, list[bytes]] = {}
+        # Per month topic, the records' digests in leaf order; hashed into leaves after the
+        # loop, by C-level maps (a Python call per record here was ~2% of the processor).
+        leaves: dict[str, list[str]] = {}
         for rec in result.sanitised:
             topic = self._sanitised_topic.get(rec.month)
             if topic is None:
                 topic = self._sanitised_topic[rec.month] = self.names.sanitised(rec.month)
-            hashes = leaves.get(topic)
-            if hashes is None:
-                hashes = leaves[topic] = []
+            digests = leaves.get(topic)
+            if digests is None:
+                digests = leaves[topic] = []
             headers: list[tuple[str, str | bytes | None]] = [
-                (LEAF_HEADER, f"{batch_id}/{len(hashes)}".encode())
+                (LEAF_HEADER, b"%s/%d" % (batch_tag, len(digests)))
             ]
-            hashes.append(leaf_hash(bytes.fromhex(rec.digest or "")))
+            digests.append(rec.digest or "")
             try:
                 produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms, headers=headers)
             except BufferError:
@@ -743,7 +746,8 @@ class Runner:
             n += 1
             if n % _POLL_EVERY == 0:
                 poll(0)
-        for topic, hashes in leaves.items():
+        for topic, digests in leaves.items():
+            hashes = leaf_hashes(map(bytes.fromhex, digests))
             raw = chain.event(
                 "integrity.root",
                 actor="processor",
