@@ -435,28 +435,62 @@ def proof_for(
     """An inclusion proof a third party can check: the record's canonical billing fields,
     its leaf index in the range's tree, the audit path and the signed root's range."""
     recs = sorted(records)
+    positions = list(map(itemgetter(0), recs))
+    values = list(map(itemgetter(1), recs))
+    needle = _needle(cdr_id)
+    hits = [i for i, v in enumerate(values) if _holds(cdr_id, needle, v)]
+    if not hits:
+        return None
+    # The first root (in the log's order) whose range holds the record; in it, the first
+    # position. Only that range's records are hashed.
     for ev in roots:
-        inside = [(p, v) for p, v in recs if ev.first <= p <= ev.last]
-        for i, (pos, value) in enumerate(inside):
-            doc = orjson.loads(value)
-            if doc.get("cdr_id") != cdr_id:
-                continue
-            digests = [_leaf(v, added)[0] or _NO_DIGEST for _, v in inside]
-            billing = billing_part(doc, added)
-            return {
-                "cdr_id": cdr_id,
-                "stream": stream,
-                "position": pos,
-                "billing": billing,
-                "billing_digest": digests[i].hex(),
-                "leaf_index": i,
-                "tree_size": len(inside),
-                "proof": [h.hex() for h in inclusion_proof(i, digests)],
-                "root": ev.root,
-                "range": {"first": ev.first, "last": ev.last},
-                "audit_event": {"writer": ev.writer, "seq": ev.seq},
-            }
+        lo, hi = bisect_left(positions, ev.first), bisect_right(positions, ev.last)
+        j = bisect_left(hits, lo)
+        if j == len(hits) or hits[j] >= hi:
+            continue
+        k = hits[j]
+        i = k - lo
+        digests = [_leaf(v, added)[0] or _NO_DIGEST for v in values[lo:hi]]
+        return {
+            "cdr_id": cdr_id,
+            "stream": stream,
+            "position": positions[k],
+            "billing": billing_part(orjson.loads(values[k]), added),
+            "billing_digest": digests[i].hex(),
+            "leaf_index": i,
+            "tree_size": hi - lo,
+            "proof": [h.hex() for h in inclusion_proof(i, digests)],
+            "root": ev.root,
+            "range": {"first": ev.first, "last": ev.last},
+            "audit_event": {"writer": ev.writer, "seq": ev.seq},
+        }
     return None
+
+
+def _cdr_id_of(value: bytes) -> str | None:
+    """The cdr_id of a record; None if it is not a JSON object with a string cdr_id."""
+    try:
+        doc = loads(value)
+    except JSONDecodeError:
+        return None
+    cid = doc.get("cdr_id") if type(doc) is dict else None
+    return cid if type(cid) is str else None
+
+
+def _holds(cdr_id: str, needle: bytes, value: bytes) -> bool:
+    """True if ``value`` is a record of ``cdr_id`` (``needle``: :func:`_needle` of it),
+    parsed only when its bytes could be.
+
+    The id is in the bytes as orjson spells it (as the transform writes it), or spelt
+    with some escape orjson does not use, which needs a backslash: a record without
+    either cannot hold the id, and most records of a month are passed over unparsed.
+    """
+    return (needle in value or b"\\" in value) and _cdr_id_of(value) == cdr_id
+
+
+def _needle(cdr_id: str) -> bytes:
+    """The id's JSON string as orjson writes it, without its quotes."""
+    return dumps(cdr_id)[1:-1]
 
 
 def proof_for_batch(
@@ -468,9 +502,10 @@ def proof_for_batch(
 ) -> dict[str, Any] | None:
     """:func:`proof_for` for a topic whose records carry leaf tags."""
     recs = list(records)
+    needle = _needle(cdr_id)
     target = None
     for part, off, value, leaf in recs:
-        if leaf is not None and orjson.loads(value).get("cdr_id") == cdr_id:
+        if leaf is not None and _holds(cdr_id, needle, value):
             target = (part, off, value, leaf)
             break
     if target is None:

@@ -241,3 +241,27 @@ def test_forged_records_are_found_in_a_batch(tmp_path: Path) -> None:
         outside: list[TaggedRecord] = [*tagged, ("0", 99, forged, None)]
         # every forgery keeps cdr_id c7 for orjson: a duplicate of the record it copies
         assert kinds(outside) == [("altered", 99), ("duplicate", None), ("unproven", 99)], name
+
+
+def test_proof_finds_an_id_in_any_spelling_and_skips_records_that_are_not_json(
+    stream: tuple[list[tuple[int, bytes]], list[RootEvent]],
+) -> None:
+    """proof_for searches the bytes before parsing: an id spelt with an escape orjson does
+    not use is still found, and a broken record elsewhere in the stream does not stop it."""
+    records, roots = stream
+    pos, value = records[12]
+    escaped = value.replace(b'"cdr_id":"c12"', b'"cdr_id":"\\u0063\\u0031\\u0032"', 1)
+    assert escaped != value
+    assert orjson.loads(escaped)["cdr_id"] == "c12"
+    broken = [(1, b"not json"), (3, b"[1, 2]")]
+    mutated = [*records[:12], (pos, escaped), *records[13:], *broken]
+    proof = proof_for("c12", "s", mutated, roots, ADDED)
+    assert proof is not None
+    assert proof["position"] == pos
+    assert proof["billing"]["cdr_id"] == "c12"
+    # the same leaf as the plain spelling: the digest covers the value, not its spelling
+    plain = proof_for("c12", "s", records, roots, ADDED)
+    assert plain is not None
+    assert proof["billing_digest"] == plain["billing_digest"]
+    assert proof["leaf_index"] == plain["leaf_index"]
+    assert proof_for("c99", "s", mutated, roots, ADDED) is None
