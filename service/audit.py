@@ -779,32 +779,12 @@ def _kafka_failure(what: str, exc: Exception) -> AuditError:
     topic)."""
     from confluent_kafka import KafkaError  # noqa: PLC0415
 
+    from service.kafka.clients import passes  # noqa: PLC0415
+
     err = exc.args[0] if exc.args else None
-    if isinstance(err, KafkaError) and (err.retriable() or err.code() in _passing_codes()):
+    if isinstance(err, KafkaError) and passes(err):
         return AuditUnavailableError(f"{what}: {exc}", code=err.name())
     return AuditError(f"{what}: {exc}")
-
-
-def _passing_codes() -> tuple[int, ...]:
-    # Errors built from a bare error code (get_watermark_offsets, list_topics) never carry
-    # the retriable flag: the codes that mean "not reachable now" are named here.
-    from confluent_kafka import KafkaError  # noqa: PLC0415
-
-    return (
-        KafkaError._TRANSPORT,
-        KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._TIMED_OUT,
-        KafkaError._TIMED_OUT_QUEUE,
-        KafkaError._RESOLVE,
-        KafkaError._WAIT_COORD,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.REQUEST_TIMED_OUT,
-        KafkaError.NETWORK_EXCEPTION,
-        KafkaError.BROKER_NOT_AVAILABLE,
-        KafkaError.NOT_CONTROLLER,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-    )
 
 
 def _consumer(conf: Mapping[str, str]) -> Any:

@@ -134,6 +134,32 @@ def admin_config(settings: Settings) -> dict[str, Any]:
     return _common(settings)
 
 
+# Errors that pass: the broker or its controller cannot be reached now. Errors built
+# from a bare error code (admin futures, get_watermark_offsets, list_topics) never carry
+# librdkafka's retriable flag, so the codes are named here.
+_PASSING = (
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TIMED_OUT,
+    KafkaError._TIMED_OUT_QUEUE,
+    KafkaError._RESOLVE,
+    KafkaError._WAIT_COORD,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NETWORK_EXCEPTION,
+    KafkaError.BROKER_NOT_AVAILABLE,
+    KafkaError.NOT_CONTROLLER,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+)
+
+
+def passes(err: KafkaError) -> bool:
+    """True if retrying later can cure ``err`` (a broker away, a leader moving); False for
+    what needs an operator (not authorised, invalid configuration) or is fatal."""
+    return not err.fatal() and (err.retriable() or err.code() in _PASSING)
+
+
 def kafka_error(exc: KafkaException) -> KafkaError:
     """The KafkaError carried by a KafkaException (its first argument)."""
     arg = exc.args[0] if exc.args else None

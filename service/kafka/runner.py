@@ -67,6 +67,7 @@ from service.kafka.clients import (
     admin_config,
     consumer_config,
     kafka_error,
+    passes,
     producer_config,
     transactional_id,
 )
@@ -230,7 +231,7 @@ class Runner:
         try:
             self._retry_kafka("init_transactions", self._init_transactions)
             self._init_integrity()
-            self._precreate()
+            self._retry_kafka("create_topics", self._precreate)
             self._consumer.subscribe(
                 [self.input_topic],
                 on_assign=self._on_assign,
@@ -244,7 +245,7 @@ class Runner:
                 while not self._stop and not (until is not None and until(self.stats)):
                     self._check_fatal()
                     if time.monotonic() - self._last_precreate > _PRECREATE_EVERY_S:
-                        self._precreate()
+                        self._retry_kafka("create_topics", self._precreate)
                     msgs = consume(max_records, wait_s)
                     batch = self._records(msgs) if msgs else []
                     if batch:
@@ -912,8 +913,9 @@ class Runner:
             self._paused = None
 
     def _retry_kafka(self, what: str, fn: Callable[[], None]) -> None:
-        """Run ``fn``; on a retriable Kafka error, or an audit topic that cannot be read now
-        (AuditUnavailableError), back off and retry, paused on 'broker'.
+        """Run ``fn``; on a Kafka error that passes (:func:`~service.kafka.clients.passes`:
+        broker away, request timed out, leader moving), or an audit topic that cannot be read
+        now (AuditUnavailableError), back off and retry, paused on 'broker'.
 
         Any other error ends the run: a fatal or non-retriable Kafka error as
         KafkaFatalError, a damaged audit chain (a plain AuditError) as it is. While stopping,
@@ -929,7 +931,7 @@ class Runner:
                     code, text = exc.code, str(exc)
                 else:
                     err = kafka_error(exc)
-                    if err.fatal() or not err.retriable():
+                    if not passes(err):
                         raise _fatal_error(err, what) from None
                     code, text = err.name(), err.str()
                 log_event(
