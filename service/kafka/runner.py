@@ -919,7 +919,10 @@ class Runner:
 
         Any other error ends the run: a fatal or non-retriable Kafka error as
         KafkaFatalError, a damaged audit chain (a plain AuditError) as it is. While stopping,
-        the error of the attempt is raised instead of waiting for the broker.
+        the attempt's error ends the run instead of a wait for the broker: an
+        AuditUnavailableError as it is, a Kafka error as a KafkaFatalError that is not
+        restarted (one line on stderr, exit 2; the open batch is read again by whoever
+        takes the partitions).
         """
         delay = self._s.retry.backoff_initial_s
         while True:
@@ -946,7 +949,14 @@ class Runner:
                 self._m.retries.labels("broker").inc()
                 self._m.paused.labels("broker").set(1)
                 if self._stop:
-                    raise
+                    if isinstance(exc, AuditUnavailableError):
+                        raise
+                    # One clear line for the operator (cdranon: error: ...), not a
+                    # traceback: the broker is away and the open batch stays uncommitted.
+                    raise KafkaFatalError(
+                        f"stopped while the broker was unavailable ({what}: {code}: {text}); "
+                        "nothing of the open batch was committed"
+                    ) from None
                 # Serve the error callbacks: during a blocking call they are only queued, and
                 # they hold the real reason (e.g. authentication or TLS failed).
                 self._producer.poll(0)

@@ -109,5 +109,15 @@ def test_the_processor_waits_out_an_unanswered_topic_creation(
         with pytest.raises(KafkaFatalError):
             runner._retry_kafka("create_topics", refused)
         assert metrics.registry.get_sample_value("cdranon_retries_total", {"reason": "broker"}) == 2
+
+        # Stopping: no wait for the broker, and one clear error, not a KafkaException's
+        # traceback.
+        runner.request_stop()
+        with pytest.raises(
+            KafkaFatalError, match="stopped while the broker was unavailable"
+        ) as stop:
+            runner._retry_kafka("create_topics", unanswered)
+        assert not stop.value.restartable
+        assert "_TIMED_OUT" in str(stop.value)
     finally:
         runner._close()
