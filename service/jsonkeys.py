@@ -14,7 +14,7 @@ WS_TO_SPACE = bytes.maketrans(b"\t\n\r", b"   ")
 
 def surely_unique(raw: bytes, n_keys: int) -> bool:
     """True when ``raw`` (parsed into an object of ``n_keys`` keys) surely has no duplicate
-    key at any level; False means: check with :func:`duplicate_keys`.
+    key at any level; False means: check with :func:`check_unique`.
 
     A key is a string, so it ends in a quote, and JSON allows only whitespace between it
     and its colon. Without whitespace before any colon, every key in the text (at any

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from service.config import Settings, load_settings
-from service.errors import ConfigError, KafkaFatalError
+from service.errors import CdranonError, ConfigError, KafkaFatalError
 from service.kafka.runner import Runner
 from service.keyring import Keyring
 from service.keystore import open_keystore
@@ -184,6 +184,13 @@ def run(args: argparse.Namespace) -> int:
                 runner = build_runner(settings, metrics, transformer)
                 if stopping:
                     runner.request_stop()
+    except CdranonError as exc:
+        if runner.clean_exit and all(r.clean_exit for r in retired):
+            raise
+        # The run ended on an error with a Kafka call still blocked on a helper thread (see
+        # below): say why and leave now, rather than wait for librdkafka's destructors.
+        print(f"cdranon: error: {exc}", file=sys.stderr)
+        _exit_now(2)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -194,7 +201,12 @@ def run(args: argparse.Namespace) -> int:
         # batch.stop_grace_s, or a stuck producer was replaced): librdkafka's destructors
         # would wait for it at interpreter exit. Nothing is left to save: the open
         # transaction is the broker's to abort, and the logs are flushed here.
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flush the logs and end the process without running librdkafka's destructors."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)

@@ -61,7 +61,12 @@ from confluent_kafka.admin import AdminClient
 
 from service.audit import default_audit_dir, ensure_audit_topic, load_signing_key
 from service.config import Settings
-from service.errors import AuditUnavailableError, KafkaFatalError, KeystoreUnavailableError
+from service.errors import (
+    AuditError,
+    AuditUnavailableError,
+    KafkaFatalError,
+    KeystoreUnavailableError,
+)
 from service.kafka.audit_txn import LEAF_HEADER, TxnAuditChain, find_head
 from service.kafka.clients import (
     admin_config,
@@ -90,6 +95,8 @@ _AUDIT_READ_TIMEOUT_S = 30.0
 _CLOSE_WAIT_S = 10.0
 # Months ahead are re-checked this often, so next month's topics exist before it starts.
 _PRECREATE_EVERY_S = 600.0
+_PRECREATE_RETRY_S = 30.0
+_STOP_CHECK_S = 0.1  # how soon a back-off notices a stop request
 # End-to-end latency is sampled (a histogram observation costs ~1 us; 10k per batch would
 # be a tenth of the budget): at most this many records per batch, spread evenly.
 _LATENCY_SAMPLES = 32
@@ -245,7 +252,7 @@ class Runner:
                 while not self._stop and not (until is not None and until(self.stats)):
                     self._check_fatal()
                     if time.monotonic() - self._last_precreate > _PRECREATE_EVERY_S:
-                        self._retry_kafka("create_topics", self._precreate)
+                        self._precreate_in_passing()
                     msgs = consume(max_records, wait_s)
                     batch = self._records(msgs) if msgs else []
                     if batch:
@@ -296,6 +303,29 @@ class Runner:
         months = self.topics.precreate(self._s.topics.precreate_months_ahead)
         log_event(_LOG, "topics_ready", months=months, level=logging.DEBUG)
 
+    def _precreate_in_passing(self) -> None:
+        """The periodic pre-creation of the coming months' topics, best effort: one try; if
+        the broker does not answer, another in _PRECREATE_RETRY_S. Waiting here would stop
+        polling the consumer (the group drops a member after max.poll.interval.ms), and
+        nothing depends on it: a record of a month whose topics are missing creates them
+        in _write."""
+        try:
+            self._precreate()
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if not passes(err):
+                raise _fatal_error(err, "create_topics") from None
+            log_event(
+                _LOG,
+                "broker_unavailable",
+                level=logging.WARNING,
+                during="precreate",
+                code=err.name(),
+                error=err.str(),
+                retry_in_s=_PRECREATE_RETRY_S,
+            )
+            self._last_precreate = time.monotonic() - _PRECREATE_EVERY_S + _PRECREATE_RETRY_S
+
     def _give_up(self, during: str) -> None:
         """Stop grace over: leave the open transaction to the broker's timeout (it aborts;
         the offsets stay uncommitted) and skip every call that waits for Kafka."""
@@ -322,7 +352,9 @@ class Runner:
             if self._pending is not None:
                 try:
                     self._finish_pending()
-                except KafkaFatalError as exc:
+                except (KafkaFatalError, AuditError) as exc:
+                    # AuditError: the chain head could not be re-read after a stuck producer
+                    # was replaced; the close goes on (the error is in the log).
                     log_event(_LOG, "commit_failed_at_close", level=logging.ERROR, error=str(exc))
             if self._in_txn:
                 self._abort_quietly()
@@ -948,6 +980,15 @@ class Runner:
                 )
                 self._m.retries.labels("broker").inc()
                 self._m.paused.labels("broker").set(1)
+                if not self._stop:
+                    # Serve the error callbacks: during a blocking call they are only
+                    # queued, and they hold the real reason (e.g. authentication failed).
+                    self._producer.poll(0)
+                    self._check_fatal()
+                    # Back-off while the broker is away, cut short by a stop request.
+                    until = time.monotonic() + delay
+                    while not self._stop and time.monotonic() < until:
+                        time.sleep(min(_STOP_CHECK_S, max(0.0, until - time.monotonic())))
                 if self._stop:
                     if isinstance(exc, AuditUnavailableError):
                         raise
@@ -957,11 +998,6 @@ class Runner:
                         f"stopped while the broker was unavailable ({what}: {code}: {text}); "
                         "nothing of the open batch was committed"
                     ) from None
-                # Serve the error callbacks: during a blocking call they are only queued, and
-                # they hold the real reason (e.g. authentication or TLS failed).
-                self._producer.poll(0)
-                self._check_fatal()
-                time.sleep(delay)  # back-off while the broker is away
                 delay = min(delay * 2, self._s.retry.backoff_max_s)
         self._m.paused.labels("broker").set(0)
 

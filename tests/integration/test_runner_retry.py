@@ -11,6 +11,7 @@ one that the session broker refuses.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,4 +121,45 @@ def test_the_processor_waits_out_an_unanswered_topic_creation(
         assert not stop.value.restartable
         assert "_TIMED_OUT" in str(stop.value)
     finally:
+        runner._close()
+
+
+def test_the_periodic_precreation_does_not_wait_for_the_broker(
+    tmp_path: Path,
+    unique_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every 10 minutes the processor creates the coming months' topics. With the broker
+    away that is one try and another in 30 s, not a wait: the loop must go on polling
+    the consumer (the group drops a member that does not poll), and a record of a new
+    month creates its topics anyway. Nothing listens on port 1."""
+    monkeypatch.setenv("CDRANON_MASTER_KEY", generate_master_key())
+    monkeypatch.setenv("CDRANON_HOME", str(tmp_path / "home"))
+    cfg = write_config(
+        tmp_path / "run.toml",
+        bootstrap="127.0.0.1:1",
+        prefix=f"pre-{unique_id}",
+        group=f"g-{unique_id}",
+        keystore=tmp_path / "keys",
+        instance_id=f"pre-{unique_id}",
+    )
+    runner = build_runner(load_settings(cfg), Metrics())
+    runner.topics._timeout_s = 2.0  # each try gives up after 2 s instead of 30
+    caplog.set_level(logging.WARNING, logger="cdranon.runner")
+    try:
+        started = time.monotonic()
+        runner._precreate_in_passing()
+        assert time.monotonic() - started < 20  # one try, no back-off loop
+        waits = [
+            r.__dict__["cdranon_fields"]
+            for r in caplog.records
+            if r.getMessage() == "broker_unavailable"
+        ]
+        assert [(w["during"], w["code"]) for w in waits] == [("precreate", "_TIMED_OUT")]
+        # The next try is due in 30 s, not in 10 minutes.
+        due_in = runner._last_precreate + 600 - time.monotonic()
+        assert 20 < due_in <= 30
+    finally:
+        runner.request_stop()
         runner._close()

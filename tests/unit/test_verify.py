@@ -215,6 +215,9 @@ def test_forged_records_are_found_in_a_range(
     for name, forged in _forgeries(value).items():
         inside = verify_stream("s", [*records[:k], (pos, forged), *records[k + 1 :]], roots, ADDED)
         assert [(f.kind, f.position) for f in inside.findings] == [("altered", pos)], name
+        # a repeat is named as one (its digest may well match)
+        repeats = name not in ("reordered",)
+        assert ("repeats a key" in inside.findings[0].detail) == repeats, name
         outside = verify_stream("s", [*records, (99, forged)], roots, ADDED)
         assert ("altered", 99) in [(f.kind, f.position) for f in outside.findings], name
         assert not _leaf(forged, ADDED)[2], name
@@ -265,3 +268,24 @@ def test_proof_finds_an_id_in_any_spelling_and_skips_records_that_are_not_json(
     assert proof["billing_digest"] == plain["billing_digest"]
     assert proof["leaf_index"] == plain["leaf_index"]
     assert proof_for("c99", "s", mutated, roots, ADDED) is None
+
+
+def test_proof_finds_ids_spelt_any_way(tmp_path: Path) -> None:
+    """Non-ASCII and slash-bearing ids, in orjson's spelling and with escapes; an id
+    orjson cannot even write (a lone surrogate, possible from the command line) is simply
+    not found."""
+    tf = make_transformer(tmp_path)
+    ids = ["c0", "é-1/☎", "c2"]
+    r = tf.transform([raw(cdr(cdr_id=i)) for i in ids], now_ms())
+    records = [(i, o.value) for i, o in enumerate(r.sanitised)]
+    roots = [RootEvent(**root_event_details("s", 0, 2, [o.digest or "" for o in r.sanitised]))]
+    assert "é-1/☎".encode() in records[1][1]  # orjson writes it raw
+    escaped = records[1][1].replace("é-1/☎".encode(), b"\\u00e9-1\\/\\u260e", 1)
+    assert orjson.loads(escaped)["cdr_id"] == "é-1/☎"
+    for recs in (records, [records[0], (1, escaped), records[2]]):
+        proof = proof_for("é-1/☎", "s", recs, roots, ADDED)
+        assert proof is not None
+        assert proof["position"] == 1
+        assert proof["leaf_index"] == 1
+    assert proof_for("\udc80", "s", records, roots, ADDED) is None
+    assert proof_for("\ud800x", "s", records, roots, ADDED) is None
