@@ -4,6 +4,9 @@
 
 1. Verification: a month of sanitised records (made by the real transform) with their
    signed-root ranges, checked by service.verify.verify_stream: records/s (target >= 200k).
+   The same month as a topic would hold it (each record tagged with its batch and leaf
+   index, one root per batch), checked by verify_batches (`verify --topic`); and the
+   inclusion proof of a record in the last range (`verify --record`), wall seconds.
 2. The transform with integrity on vs off over the same records (thread CPU time).
 3. With --e2e: `cdranon run` end to end through a local broker, integrity on vs off, in
    one run (benchmarks.e2e_bench scenarios "cdranon" and "cdranon-nointegrity").
@@ -33,7 +36,14 @@ from service.keystore.master import MasterKey
 from service.months import parse_rfc3339, to_ms
 from service.policy import load_policy
 from service.transform import Transformer
-from service.verify import RootEvent, root_event_details, verify_stream
+from service.verify import (
+    RootEvent,
+    TaggedRecord,
+    proof_for,
+    root_event_details,
+    verify_batches,
+    verify_stream,
+)
 
 MONTH = "2026-10"
 NOW = "2026-12-01T00:00:00Z"
@@ -79,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = os.cpu_count() or 1
     v_all_s = _wall_on_all_cores(lambda: verify(jobs), jobs)
 
+    vb_s, proof_s = _topic_and_proof(records, roots, added, args.rounds)
+
     def transform(integrity: bool) -> None:
         t = Transformer(policy, keyring, integrity=integrity)
         for b in batches:
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "verify_records_per_s_all_cores": round(n / v_all_s),
         "verify_jobs": jobs,
         "verify_target_records_per_s": 200_000,
+        "verify_topic_records_per_s_one_core": round(n / vb_s),
+        "proof_one_record_s": round(proof_s, 2),
         "transform_integrity_on_ns_per_record": round(on / len(raw) * 1e9),
         "transform_integrity_off_ns_per_record": round(off / len(raw) * 1e9),
         "transform_on_off_throughput_ratio": round(off / on, 3),
@@ -114,6 +128,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:40s} {v}")
     print(f"results: {path}")
     return 0
+
+
+def _topic_and_proof(
+    records: list[tuple[int, bytes]], roots: list[RootEvent], added: frozenset[str], n_rounds: int
+) -> tuple[float, float]:
+    """(seconds of verify_batches over the month tagged as the stream processor tags it:
+    one batch per range, leaf = (batch, index); wall seconds of one inclusion proof of a
+    record in the last range)."""
+    tagged: list[TaggedRecord] = []
+    batch_roots: list[RootEvent] = []
+    for ev in roots:
+        batch = f"b{ev.first}"
+        tagged += [("0", p, v, (batch, p - ev.first)) for p, v in records[ev.first : ev.last + 1]]
+        batch_roots.append(
+            RootEvent(ev.stream, -1, -1, ev.size, ev.root, writer=ev.writer, batch=batch)
+        )
+
+    def verify_tagged() -> None:
+        if not verify_batches("m", tagged, batch_roots, added).ok:
+            raise SystemExit("benchmark month does not verify as a topic")
+
+    vb_s = median(rounds(verify_tagged, n_rounds, warmup=0))
+    target = orjson.loads(records[-3][1])["cdr_id"]
+    started = time.perf_counter()
+    if proof_for(target, "m", records, roots, added) is None:
+        raise SystemExit("no proof for a record of the benchmark month")
+    return vb_s, time.perf_counter() - started
 
 
 def _wall_on_all_cores(fn: Callable[[], None], cores: int) -> float:
