@@ -80,7 +80,11 @@ def test_100k_cdrs_three_months_exactly_once(
     proc = Processor(cfg, env)
     try:
         url = proc.wait_for("metrics_serving", timeout_s=60)["url"]
-        wait_all_committed(kafka_bootstrap, f"g-{unique_id}", names.raw, timeout_s=180)
+        try:
+            wait_all_committed(kafka_bootstrap, f"g-{unique_id}", names.raw, timeout_s=180)
+        except AssertionError as exc:
+            # What the processor did meanwhile (its log never holds identifiers).
+            raise AssertionError(f"{exc}\n{proc.story()}\nlast lines: {proc.raw[-20:]}") from None
         # The broker has the last commit; the processor accounts for it a moment later
         # (pipelined: when its main thread next looks). Wait for the metric, with a deadline.
         deadline = time.monotonic() + 30
