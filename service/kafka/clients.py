@@ -110,10 +110,6 @@ def producer_config(
             "linger.ms": 10,
             # Two outputs per input record; keep a whole batch in the queue.
             "queue.buffering.max.messages": max(100_000, 3 * settings.batch.max_records),
-            # Nothing reads a successful delivery report (the commit fails if a message
-            # did): without them librdkafka frees each message on its ack, instead of
-            # queueing a report per message for poll() to serve.
-            "delivery.report.only.error": True,
         }
     )
     conf.update(plain_conf(k.producer))
