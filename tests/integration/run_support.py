@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from confluent_kafka import (
     Consumer,
     IsolationLevel,
@@ -34,9 +35,11 @@ from confluent_kafka.admin import AdminClient
 # confluent_kafka.admin re-exports OffsetSpec without declaring it.
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
+from service.audit import generate_signing_key
+from service.config import Settings, load_settings
 from service.kafka.topics import TopicNames
 from service.keyring import Keyring
-from service.keystore import open_keystore
+from service.keystore import generate_master_key, open_keystore
 from service.months import add_months, month_of, now_utc, parse_rfc3339, to_ms
 from service.policy import load_policy
 from service.sealing import Unsealer
@@ -317,6 +320,32 @@ class Processor:
             self.kill9()
         else:
             self._finish()
+
+
+def runner_settings(
+    bootstrap: str,
+    tmp_path: Path,
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    signing_key: bool = False,
+) -> Settings:
+    """Settings of an in-process runner of the test's own (prefix, group and instance id
+    from ``name``): master key and home in the test's environment, and an audit signing
+    key when ``signing_key``."""
+    monkeypatch.setenv("CDRANON_MASTER_KEY", generate_master_key())
+    monkeypatch.setenv("CDRANON_HOME", str(tmp_path / "home"))
+    if signing_key:
+        monkeypatch.setenv("CDRANON_AUDIT__SIGNING_KEY", generate_signing_key())
+    cfg = write_config(
+        tmp_path / "run.toml",
+        bootstrap=bootstrap,
+        prefix=name,
+        group=f"g-{name}",
+        keystore=tmp_path / "keys",
+        instance_id=name,
+    )
+    return load_settings(cfg)
 
 
 def committed_total(

@@ -27,35 +27,16 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from service.audit import event_hash, generate_signing_key, read_partition
+from service.audit import event_hash, read_partition
 from service.commands.run import build_runner
-from service.config import Settings, load_settings
 from service.errors import AuditError, AuditUnavailableError
 from service.kafka.clients import admin_config
-from service.keystore import generate_master_key
 from service.metrics import Metrics
-from tests.integration.run_support import write_config
+from tests.integration.run_support import runner_settings
 
 pytestmark = pytest.mark.integration
 
 _ROOT = {"stream": "s", "batch": "b", "size": 1, "root": "ab" * 32}
-
-
-def _settings(
-    bootstrap: str, tmp_path: Path, unique_id: str, monkeypatch: pytest.MonkeyPatch
-) -> Settings:
-    monkeypatch.setenv("CDRANON_MASTER_KEY", generate_master_key())
-    monkeypatch.setenv("CDRANON_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("CDRANON_AUDIT__SIGNING_KEY", generate_signing_key())
-    cfg = write_config(
-        tmp_path / "run.toml",
-        bootstrap=bootstrap,
-        prefix=f"chain-{unique_id}",
-        group=f"g-{unique_id}",
-        keystore=tmp_path / "keys",
-        instance_id=f"chain-{unique_id}",
-    )
-    return load_settings(cfg)
 
 
 def _write(producer: Producer, topic: str, raw: bytes) -> None:
@@ -81,7 +62,9 @@ def _wait_for(what: str, cond: Callable[[], bool], timeout_s: float) -> None:
 def test_chain_continues_from_a_commit_the_runner_did_not_see(
     kafka_bootstrap: str, tmp_path: Path, unique_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = _settings(kafka_bootstrap, tmp_path, unique_id, monkeypatch)
+    settings = runner_settings(
+        kafka_bootstrap, tmp_path, f"chain-{unique_id}", monkeypatch, signing_key=True
+    )
     runner = build_runner(settings, Metrics())
     try:
         runner._init_transactions()
@@ -227,7 +210,9 @@ def test_the_chain_head_is_waited_for_while_the_audit_topic_is_unreachable(
     two JVM starts and test nothing more of the retry. Each read is given 2 s instead of
     30 s so that a failed attempt comes round quickly.
     """
-    settings = _settings(gate.address, tmp_path, unique_id, monkeypatch)
+    settings = runner_settings(
+        gate.address, tmp_path, f"chain-{unique_id}", monkeypatch, signing_key=True
+    )
     metrics = Metrics()
     runner = build_runner(settings, metrics)
     runner._audit_timeout_s = 2.0
@@ -300,7 +285,9 @@ def test_a_damaged_chain_is_never_retried(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = _settings(kafka_bootstrap, tmp_path, unique_id, monkeypatch)
+    settings = runner_settings(
+        kafka_bootstrap, tmp_path, f"chain-{unique_id}", monkeypatch, signing_key=True
+    )
     metrics = Metrics()
     runner = build_runner(settings, metrics)
     caplog.set_level(logging.WARNING, logger="cdranon.runner")

@@ -23,12 +23,10 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from service.commands.run import build_runner
-from service.config import load_settings
 from service.errors import KafkaFatalError
 from service.kafka.clients import passes
-from service.keystore import generate_master_key
 from service.metrics import Metrics
-from tests.integration.run_support import write_config
+from tests.integration.run_support import runner_settings
 
 pytestmark = pytest.mark.integration
 
@@ -69,18 +67,9 @@ def test_the_processor_waits_out_an_unanswered_topic_creation(
 ) -> None:
     """_retry_kafka (around topic creation, at start-up, every 10 minutes and for a new
     month) retries an admin call that timed out and gives up at once on a refused one."""
-    monkeypatch.setenv("CDRANON_MASTER_KEY", generate_master_key())
-    monkeypatch.setenv("CDRANON_HOME", str(tmp_path / "home"))
-    cfg = write_config(
-        tmp_path / "run.toml",
-        bootstrap=kafka_bootstrap,
-        prefix=f"retry-{unique_id}",
-        group=f"g-{unique_id}",
-        keystore=tmp_path / "keys",
-        instance_id=f"retry-{unique_id}",
-    )
     metrics = Metrics()
-    runner = build_runner(load_settings(cfg), metrics)
+    settings = runner_settings(kafka_bootstrap, tmp_path, f"retry-{unique_id}", monkeypatch)
+    runner = build_runner(settings, metrics)
     caplog.set_level(logging.WARNING, logger="cdranon.runner")
     attempts: list[str] = []
     unanswered = _create("127.0.0.1:1", NewTopic(f"retry-{unique_id}-a", 1, 1), 2.0)
@@ -134,17 +123,8 @@ def test_the_periodic_precreation_does_not_wait_for_the_broker(
     away that is one try and another in 30 s, not a wait: the loop must go on polling
     the consumer (the group drops a member that does not poll), and a record of a new
     month creates its topics anyway. Nothing listens on port 1."""
-    monkeypatch.setenv("CDRANON_MASTER_KEY", generate_master_key())
-    monkeypatch.setenv("CDRANON_HOME", str(tmp_path / "home"))
-    cfg = write_config(
-        tmp_path / "run.toml",
-        bootstrap="127.0.0.1:1",
-        prefix=f"pre-{unique_id}",
-        group=f"g-{unique_id}",
-        keystore=tmp_path / "keys",
-        instance_id=f"pre-{unique_id}",
-    )
-    runner = build_runner(load_settings(cfg), Metrics())
+    settings = runner_settings("127.0.0.1:1", tmp_path, f"pre-{unique_id}", monkeypatch)
+    runner = build_runner(settings, Metrics())
     runner.topics._timeout_s = 2.0  # each try gives up after 2 s instead of 30
     caplog.set_level(logging.WARNING, logger="cdranon.runner")
     try:
