@@ -13,6 +13,13 @@ missing=()
 need java || missing+=(openjdk-17-jre-headless)
 need mvn || missing+=(maven)
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# The native transform path (service/_native.c) is built at install: a C compiler, the
+# Python headers and libcrypto's headers.
+need cc || missing+=(gcc)
+[[ -f /usr/include/openssl/evp.h ]] || missing+=(libssl-dev)
+"$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || missing+=(python3-dev)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && need apt-get; then
         echo "bootstrap: installing ${missing[*]} with apt-get" >&2
@@ -37,6 +44,17 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
     "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,faust]" >&2
     echo "$want" >"$stamp"
+fi
+
+# Rebuild the extension when its source changed (pip builds it in place for -e).
+nstamp="$VENV/.cdranon-native"
+nwant="$(cat "$ROOT/setup.py" "$ROOT/service/_native.c" | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$nstamp" || "$(cat "$nstamp")" != "$nwant" ]] || ! ls "$ROOT"/service/_native.*.so >/dev/null 2>&1; then
+    echo "bootstrap: building the native transform path (service/_native.c)" >&2
+    "$VENV/bin/python" -m pip install -q --no-deps -c "$ROOT/constraints.txt" -e "$ROOT" >&2
+    "$VENV/bin/python" -c 'import service._native' \
+        || { echo "bootstrap: service/_native.c did not build (see above)" >&2; exit 1; }
+    echo "$nwant" >"$nstamp"
 fi
 
 "$ROOT/deploy/kafka/kafka.sh" fetch

@@ -96,3 +96,16 @@ EXPECTED_TYPE = {
     _OPT_NUM: "a number or null",
     _ACCOUNT: "a string or an integer",
 }
+
+# The codes service/_native.c knows the value checks by (service/native.py passes them);
+# a check missing here keeps the native path off, so every record takes the Python path.
+NATIVE_CHECK_CODES: dict[ValueCheck | None, int] = {
+    None: 0,
+    check_cdr_id: 1,
+    check_account: 2,
+    check_non_negative: 3,
+    _currency: 4,
+    _mcc: 5,
+    _mnc: 6,
+    _country: 7,
+}

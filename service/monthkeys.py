@@ -36,6 +36,9 @@ class MonthKeys:
     # A keyed HMAC object; pseudonyms copy it, which skips re-keying per identifier
     # (a one-shot HMAC costs ~4x a copy on OpenSSL 3: PERFORMANCE-NOTES.md).
     hmac_proto: HMAC = field(repr=False)
+    # The same key as bytes, for the native transform (service/_native.c), which keys
+    # OpenSSL's HMAC with it once per batch. Empty where no pseudonyms are made (holds).
+    pseudonym_key: bytes = field(default=b"", repr=False)
 
     @classmethod
     def derive(cls, kid: str, secret: bytes) -> MonthKeys:
@@ -45,7 +48,7 @@ class MonthKeys:
         month, rclass = split_key_id(kid)
         seal_root = hkdf(secret, _INFO_SEAL_ROOT + b"/" + kid.encode())
         pkey = hkdf(secret, _INFO_PSEUDONYM + b"/" + kid.encode())
-        return cls(kid, month, rclass, seal_root, HMAC(pkey, hashes.SHA256()))
+        return cls(kid, month, rclass, seal_root, HMAC(pkey, hashes.SHA256()), pkey)
 
     def __repr__(self) -> str:
         return f"MonthKeys({self.key_id!r})"

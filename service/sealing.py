@@ -47,17 +47,27 @@ def aad_for(kid: str, cdr_id: str) -> bytes:
     return _AAD_PREFIX + kid.encode() + b"\x00" + cdr_id.encode()
 
 
+def batch_material(keys: MonthKeys) -> tuple[bytes, bytes, bytes]:
+    """(subkey, blob header, AAD prefix) for a new sealing batch under a fresh random salt.
+
+    BatchSealer seals with them; the native transform (service/_native.c) takes them
+    as bytes and seals the same way with OpenSSL. Each caller draws its own salt, so two
+    sealers of one month in one batch never share a subkey (nor a nonce).
+    """
+    salt = os.urandom(_SALT)
+    subkey = hkdf(keys.seal_root, _INFO_BATCH, salt=salt)
+    kid = keys.key_id.encode()
+    return subkey, bytes((VERSION, len(kid))) + kid + salt, _AAD_PREFIX + kid + b"\x00"
+
+
 class BatchSealer:
     """Seals the records of one batch under a fresh subkey of one month."""
 
     __slots__ = ("_aad_prefix", "_aead", "_counter", "_header", "key_id")
 
     def __init__(self, keys: MonthKeys) -> None:
-        salt = os.urandom(_SALT)
-        self._aead = AESGCM(hkdf(keys.seal_root, _INFO_BATCH, salt=salt))
-        kid = keys.key_id.encode()
-        self._header = bytes((VERSION, len(kid))) + kid + salt
-        self._aad_prefix = _AAD_PREFIX + kid + b"\x00"
+        subkey, self._header, self._aad_prefix = batch_material(keys)
+        self._aead = AESGCM(subkey)
         self._counter = 0
         self.key_id = keys.key_id
 

@@ -13,7 +13,7 @@ this is the hot path (see benchmarks/transform_bench.py and PERFORMANCE-NOTES.md
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from hashlib import sha256
@@ -39,10 +39,11 @@ from service.keyring import Keyring
 from service.keystore.base import key_id
 from service.monthkeys import MonthKeys
 from service.months import billing_until, identifiers_until, month_of, month_of_ms, to_ms
+from service.native import build_engine
 from service.outputs import BatchResult, OutRecord, Rejected
 from service.policy import Policy, RetentionClass
 from service.pseudonyms import PSEUDONYM_BYTES
-from service.sealing import BatchSealer
+from service.sealing import BatchSealer, batch_material
 
 MAX_RECORD_BYTES = 1 << 20
 # Cached pseudonyms, all months together; cleared when full (identifiers repeat a lot, a
@@ -76,6 +77,10 @@ _MILLIS = {f"{i:03d}": i for i in range(1000)}
 _INLINE_CHECKS = (check_cdr_id, check_account)
 _RFC3339 = "expected RFC 3339 (2025-11-30T23:59:59Z)"
 _SEALED = b',"sealed":"'
+_SOURCE = itemgetter(0)
+# What the native engine keeps per month and batch: (head, billing deadline in ms, sealing
+# subkey, blob header, AAD prefix, pseudonym key).
+_NativeCtx = tuple[bytes, int, bytes, bytes, bytes, bytes]
 
 
 @dataclass(slots=True)
@@ -187,6 +192,19 @@ class Transformer:
         )
         self._class_by_country: dict[Any, RetentionClass] = dict(policy.class_by_country)
         self._default_class = policy.default_class
+        # The native path (service/_native.c) for the common records, or None.
+        built = build_engine(
+            policy, self._spec, list(self._general_none), max_record_bytes, self.utc
+        )
+        self._engine: Any = None
+        self._engine_classes: list[RetentionClass] = []
+        if built is not None:
+            self._engine, self._engine_classes = built
+
+    @property
+    def native(self) -> bool:
+        """True when the native path writes the common records."""
+        return self._engine is not None
 
     # -- record shapes ------------------------------------------------------------------
 
@@ -309,7 +327,22 @@ class Transformer:
         integrity = self.integrity
         join = b"".join
         digest_key = _key(DIGEST_FIELD) + b'"'
-        for index, raw in enumerate(values):
+        pending: Iterable[tuple[int, bytes]] = enumerate(values)
+        engine = self._engine
+        if engine is not None:
+            declined = engine.run(
+                values,
+                now_ms,
+                latest_ms,
+                integrity,
+                self._native_ctx(ctxs, now_ms),
+                result.sealed,
+                result.sanitised,
+                OutRecord,
+            )
+            # The records the engine declined (unusual or failing ones) take the path below.
+            pending = [(i, values[i]) for i in declined]
+        for index, raw in pending:
             try:
                 if len(raw) > max_bytes:
                     raise RecordError(
@@ -438,10 +471,36 @@ class Transformer:
                 add_sanitised(_new(OutRecord, (index, month, key, event_ms, join(parts), hexd)))
             except RecordError as err:
                 rejected.append(Rejected(index, err.reason, err.field, str(err), bytes(raw)))
+        if engine is not None and pending and result.sanitised:
+            # Both paths wrote: back to input order (the file outputs and the integrity
+            # leaves follow it).
+            result.sealed.sort(key=_SOURCE)
+            result.sanitised.sort(key=_SOURCE)
         for ctx in ctxs.values():
             if ctx.kid is not None:
                 result.months.add(ctx.kid)
         return result
+
+    def _native_ctx(
+        self, ctxs: dict[tuple[str, str], _MonthCtx], now_ms: int
+    ) -> Callable[[str, int], _NativeCtx | None]:
+        """The engine's month contexts: the batch's own (shared with the Python path, so
+        both see one keystore read and one deadline decision per month), plus a sealing
+        subkey of the engine's own; None where identifiers are stripped."""
+        classes = self._engine_classes
+
+        def native_ctx(month: str, cls: int) -> _NativeCtx | None:
+            rclass = classes[cls]
+            ctx = ctxs.get((month, rclass.name))
+            if ctx is None:
+                ctx = ctxs[(month, rclass.name)] = self._ctx(month, rclass, now_ms)
+            keys = ctx.keys
+            if keys is None or len(keys.pseudonym_key) != 32:
+                return None
+            subkey, header, aad_prefix = batch_material(keys)
+            return (ctx.head, ctx.billing_until_ms, subkey, header, aad_prefix, keys.pseudonym_key)
+
+        return native_ctx
 
     def _stripped(
         self,

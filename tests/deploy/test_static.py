@@ -152,6 +152,17 @@ def test_dockerfile_is_multi_stage_and_non_root() -> None:
     assert {".git", ".venv", "tests"} <= set(ignore)
 
 
+def test_dockerfile_builds_the_native_path() -> None:
+    # The wheel carries service/_native.c compiled: the build stage needs setup.py and
+    # libcrypto's headers, and the runtime stage proves the module loads.
+    text = (REPO / "Dockerfile").read_text()
+    build, runtime = text.split("AS runtime")
+    assert "libssl-dev" in build and "setup.py" in build
+    assert "import service._native" in runtime
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert not {"setup.py", "service"} & set(ignore)
+
+
 # --- Kubernetes ---------------------------------------------------------------------
 
 
