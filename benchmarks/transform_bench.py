@@ -7,16 +7,22 @@ carries all three identifiers (msisdn, imsi, imei), as the issue asks. Two ident
 - "realistic": identifiers repeat (a 50k-subscriber pool), as in real traffic;
 - "unique": every identifier distinct, so the pseudonym cache never hits (the worst case).
 Reported: ns/record, records/s, and the ratio to the round trip measured in the same run.
+The transform runs its native path (service/_native.c) where built; "realistic_python"
+is the realistic mix through the Python path alone (CDRANON_NATIVE=0), the reference the
+native path matches byte for byte, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import os
 import pstats
 import random
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ from service.keyring import Keyring
 from service.keystore.file import FileKeystore
 from service.keystore.master import MasterKey
 from service.months import parse_rfc3339, to_ms
+from service.native import ENV as NATIVE_ENV
 from service.policy import load_policy
 from service.transform import Transformer
 
@@ -65,6 +72,24 @@ def dataset(n: int, *, unique: bool, seed: int = 7) -> list[bytes]:
     return out
 
 
+@contextlib.contextmanager
+def _python_path(on: bool) -> Iterator[None]:
+    """Transformers built inside have the native path off when ``on``."""
+    before = os.environ.get(NATIVE_ENV)
+    if on:
+        os.environ[NATIVE_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NATIVE_ENV, None)
+        else:
+            os.environ[NATIVE_ENV] = before
+
+
+MIXES = ("realistic", "realistic_cold", "unique", "realistic_python")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     # pseudonym cache is warm: the steady state), "realistic_cold" (the same records
     # through a fresh transformer: the first pass after a start), "unique" (every
     # identifier new, fresh transformer: the worst case, nothing cached).
-    for mix in ("realistic", "realistic_cold", "unique"):
+    for mix in MIXES:
         data = dataset(args.records, unique=mix == "unique")
         batches = [data[i : i + BATCH] for i in range(0, len(data), BATCH)]
         nbytes = sum(map(len, data))
-        shared = Transformer(policy, keyring)
+        python_only = mix == "realistic_python"
+        with _python_path(python_only):
+            shared = Transformer(policy, keyring)
+        if mix == "realistic":
+            results["native"] = shared.native
 
         def round_trip(data: list[bytes] = data) -> None:
             loads, dumps = orjson.loads, orjson.dumps
@@ -100,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         def transform(
             batches: list[list[bytes]] = batches, mix: str = mix, shared: Transformer = shared
         ) -> None:
-            tf = shared if mix == "realistic" else Transformer(policy, keyring)
+            warm = mix in ("realistic", "realistic_python")
+            tf = shared if warm else Transformer(policy, keyring)
             for b in batches:
                 res = tf.transform(b, now_ms)
                 if res.rejected:
@@ -125,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     results["stretch_ratio"] = 3.0
     path = write_results(args.output, results)
     print(f"{'mix':<15} {'round trip ns':>14} {'transform ns':>13} {'rec/s':>9} {'ratio':>6}")
-    for mix in ("realistic", "realistic_cold", "unique"):
+    for mix in MIXES:
         r = results[mix]
         print(
             f"{mix:<15} {r['round_trip_ns_per_record']:>14} {r['transform_ns_per_record']:>13} "

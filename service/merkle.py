@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from hashlib import sha256
 from operator import add, methodcaller
 
+from service.native import native_merkle
+
 LEAF = b"\x00"
 NODE = b"\x01"
 EMPTY_ROOT = sha256(b"").digest()
@@ -39,6 +41,27 @@ def _split(n: int) -> int:
 
 
 def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
+    """The tree head over already-hashed leaves (32 bytes each): by the native path
+    (service/_native.c) where built, else :func:`python_root_from_leaf_hashes`."""
+    native = native_merkle()
+    if native is not None and hashes:
+        return native[0](hashes)
+    return python_root_from_leaf_hashes(hashes)
+
+
+def root_of_hex_digests(digests: Sequence[str]) -> bytes:
+    """The tree head over the leaves ``bytes.fromhex(d)`` of hex digests ("" is an empty
+    leaf): what the runner signs per batch and month topic."""
+    native = native_merkle()
+    if native is not None and digests:
+        try:
+            return native[1](digests)
+        except ValueError:
+            pass  # not plain hex of a digest's length: bytes.fromhex decides below
+    return python_root_from_leaf_hashes(leaf_hashes(map(bytes.fromhex, digests)))
+
+
+def python_root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
     """The tree head over already-hashed leaves, iteratively (no recursion depth limit).
 
     Pairs adjacent nodes level by level, promoting an odd last node unchanged; for the

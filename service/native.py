@@ -12,7 +12,7 @@ everything, with the same outputs.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -45,6 +45,29 @@ def available() -> bool:
 def wanted() -> bool:
     """True unless CDRANON_NATIVE=0 (or false/no/off) turns the native path off."""
     return os.environ.get(ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+# digests(values, added names, digest field) -> (digests, leaf hashes, status, cdr_ids)
+Digests = Callable[[Any, tuple[bytes, ...], bytes], tuple[list[Any], list[Any], bytes, list[Any]]]
+
+
+def native_digests() -> Digests | None:
+    """The native digest pass of verification (service/verify.py), or None when the
+    extension is not built or CDRANON_NATIVE=0."""
+    if _native is None or not wanted():
+        return None
+    fn: Digests = _native.digests
+    return fn
+
+
+def native_merkle() -> (
+    tuple[Callable[[Sequence[bytes]], bytes], Callable[[Sequence[str]], bytes]] | None
+):
+    """(merkle_root, merkle_root_of_hex) of the extension (service/merkle.py checks them
+    against its Python reference), or None when not built or CDRANON_NATIVE=0."""
+    if _native is None or not wanted():
+        return None
+    return _native.merkle_root, _native.merkle_root_of_hex
 
 
 def openssl_version() -> str | None:

@@ -36,6 +36,7 @@ from orjson import OPT_SORT_KEYS, JSONDecodeError, JSONEncodeError, dumps, loads
 from service.integrity import DIGEST_FIELD, billing_part
 from service.jsonkeys import has_duplicate_keys
 from service.merkle import inclusion_proof, leaf_hashes, root, root_from_leaf_hashes
+from service.native import native_digests
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,10 @@ _REPEATS = "record repeats a key: it reads two ways"
 _UNPROVEN = "record is in no signed range"
 # Status byte of a record in the columnar form below.
 _BAD, _OK, _NOT_OBJECT, _REPEATED = 0, 1, 2, 3
+# The native path's status for a record it leaves to the Python path.
+_DECLINED = 255
+_DECLINED_B = bytes((_DECLINED,))
+_DIGEST_FIELD = DIGEST_FIELD.encode()
 
 
 def _leaf(value: bytes, added: frozenset[str]) -> _Leaf:
@@ -151,6 +156,31 @@ class _Columns:
         self.ids: list[str | None] = []
 
     def add(self, values: Sequence[bytes | memoryview], added: frozenset[str]) -> None:
+        """:func:`_leaf` of each value: by the native path (service/_native.c) where built,
+        which hands the records it does not take (not plain printable-ASCII flat objects,
+        a repeated key, ...) back to :meth:`add_python`."""
+        native = native_digests()
+        if native is None:
+            self.add_python(values, added)
+            return
+        names = tuple(sorted(k.encode() for k in added))
+        digests, leaves, got, ids = native(values, names, _DIGEST_FIELD)
+        status = bytearray(got)
+        if _DECLINED_B in got:
+            declined = [i for i, st in enumerate(got) if st == _DECLINED]
+            rest = _Columns()
+            rest.add_python([values[i] for i in declined], added)
+            for j, i in enumerate(declined):
+                digests[i] = rest.digests[j]
+                leaves[i] = rest.leaves[j]
+                status[i] = rest.status[j]
+                ids[i] = rest.ids[j]
+        self.digests += digests
+        self.leaves += leaves
+        self.status += status
+        self.ids += ids
+
+    def add_python(self, values: Sequence[bytes | memoryview], added: frozenset[str]) -> None:
         """:func:`_leaf` of each value, inlined. One record at a time through every step:
         parsing a run of records first and hashing them after was slower (measured), the
         parsed dicts no longer in the CPU caches when dumped again."""

@@ -78,7 +78,7 @@ from service.kafka.clients import (
 )
 from service.kafka.topics import TopicNames, topic_manager
 from service.logs import log_event
-from service.merkle import leaf_hashes, root_from_leaf_hashes
+from service.merkle import root_of_hex_digests
 from service.metrics import Metrics
 from service.months import now_utc, to_ms
 from service.outputs import BatchResult, OutRecord
@@ -757,8 +757,9 @@ class Runner:
         batch_id = f"{self._leaf_prefix}n{self._batch_seq}"
         batch_tag = batch_id.encode()
         self._batch_seq += 1
-        # Per month topic, the records' digests in leaf order; hashed into leaves after the
-        # loop, by C-level maps (a Python call per record here was ~2% of the processor).
+        # Per month topic, the records' digests in leaf order; hashed into leaves and the
+        # root after the loop, in one native call (Python calls per record here were ~2%
+        # of the processor, the Python tree ~3 us a record).
         leaves: dict[str, list[str]] = {}
         for rec in result.sanitised:
             topic = self._sanitised_topic.get(rec.month)
@@ -780,14 +781,13 @@ class Runner:
             if n % _POLL_EVERY == 0:
                 poll(0)
         for topic, digests in leaves.items():
-            hashes = leaf_hashes(map(bytes.fromhex, digests))
             raw = chain.event(
                 "integrity.root",
                 actor="processor",
                 stream=topic,
                 batch=batch_id,
-                size=len(hashes),
-                root=root_from_leaf_hashes(hashes).hex(),
+                size=len(digests),
+                root=root_of_hex_digests(digests).hex(),
             )
             self._produce_one(self.audit_topic, raw)
         return n

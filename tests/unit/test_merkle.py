@@ -13,10 +13,15 @@ from service.merkle import (
     EMPTY_ROOT,
     inclusion_proof,
     leaf_hash,
+    leaf_hashes,
     node_hash,
+    python_root_from_leaf_hashes,
     root,
+    root_from_leaf_hashes,
+    root_of_hex_digests,
     verify_inclusion,
 )
+from service.native import native_merkle
 
 # RFC 6962 test vectors (certificate-transparency-go merkle/testdata): eight leaves.
 LEAVES = [
@@ -130,3 +135,57 @@ def test_moved_or_duplicated_leaves_change_the_root() -> None:
 def test_proofs_verify_for_random_trees(leaves: list[bytes], data: st.DataObject) -> None:
     i = data.draw(st.integers(0, len(leaves) - 1))
     assert verify_inclusion(leaves[i], i, len(leaves), inclusion_proof(i, leaves), root(leaves))
+
+
+# --- the native tree (service/_native.c) against the Python reference ----------------
+
+
+def test_native_root_is_built() -> None:
+    # Without it the checks below would compare the Python path with itself.
+    assert native_merkle() is not None
+
+
+@pytest.mark.parametrize("n", [*range(1, 70), 127, 128, 129, 1000, 1025])
+def test_native_root_equals_the_python_reference(n: int) -> None:
+    digests = [hashlib.sha256(b"%d" % i).hexdigest() for i in range(n)]
+    if n > 3:
+        digests[3] = ""  # a record without a digest: an empty leaf
+    hashes = leaf_hashes(bytes.fromhex(d) for d in digests)
+    want = python_root_from_leaf_hashes(hashes)
+    assert root_from_leaf_hashes(hashes) == want
+    assert root_of_hex_digests(digests) == want
+    assert root_of_hex_digests([d.upper() for d in digests]) == want
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=200))
+def test_native_root_of_any_leaves(leaves: list[bytes]) -> None:
+    assert root_of_hex_digests([x.hex() for x in leaves]) == root(leaves)
+    assert root_from_leaf_hashes(leaf_hashes(leaves)) == python_root_from_leaf_hashes(
+        leaf_hashes(leaves)
+    )
+
+
+def test_native_root_refuses_what_fromhex_refuses() -> None:
+    native = native_merkle()
+    assert native is not None
+    by_hashes, by_hex = native
+    with pytest.raises(ValueError, match="32 bytes"):
+        by_hashes([b"\x00" * 31])
+    for bad in (["abc"], ["zz"], [b"00"]):
+        with pytest.raises(ValueError, match="hex"):
+            by_hex(bad)
+        with pytest.raises((ValueError, TypeError)):
+            leaf_hashes(map(bytes.fromhex, bad))  # type: ignore[arg-type]
+        with pytest.raises((ValueError, TypeError)):
+            root_of_hex_digests(bad)  # type: ignore[arg-type]
+
+
+def test_what_the_native_tree_does_not_take_goes_to_the_python_one() -> None:
+    # Longer than any digest, or spelt with spaces: bytes.fromhex takes both.
+    native = native_merkle()
+    assert native is not None
+    for odd in ("ab" * 129, "00 11"):
+        with pytest.raises(ValueError):
+            native[1]([odd])
+        assert root_of_hex_digests([odd, "00"]) == root([bytes.fromhex(odd), b"\x00"])
