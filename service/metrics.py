@@ -31,6 +31,7 @@ _MAX_PARTITIONS = 4096
 TOPIC_KINDS = ("sealed", "sanitised", "rejected")
 PAUSE_REASONS = ("keystore", "broker", "producer_queue")
 TXN_OUTCOMES = ("committed", "aborted")
+TRANSFORM_PATHS = ("native", "python")
 
 # Latency buckets in seconds: from a fast batch (ms) to a backlog of minutes.
 _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -65,6 +66,14 @@ class Metrics:
             "Records written without identifiers (committed), by reason "
             "(past_identifier_deadline, key_destroyed).",
             ["reason"],
+            registry=r,
+        )
+        self.transform_path = Counter(
+            "cdranon_transform_path_records",
+            "Input records by the transform path that handled them: native "
+            "(service/_native.c) or python (all of them when the native path is off; else "
+            "the records it declines: unusual spellings, and every rejection).",
+            ["path"],
             registry=r,
         )
         self.batch_duration = Histogram(
@@ -140,6 +149,8 @@ class Metrics:
             self.topics_created.labels(kind)
         for outcome in TXN_OUTCOMES:
             self.transactions.labels(outcome)
+        for path in TRANSFORM_PATHS:
+            self.transform_path.labels(path)
         for reason in PAUSE_REASONS:
             self.paused.labels(reason).set(0)
             self.retries.labels(reason)

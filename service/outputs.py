@@ -57,3 +57,6 @@ class BatchResult:
     stripped_reasons: dict[str, int] = field(default_factory=dict)
     # Key ids (YYYY-MM/class) the batch sealed under; the runner makes sure their topics exist.
     months: set[str] = field(default_factory=set)
+    # Input records the Python path handled: all of them with the native path off, else
+    # those it declined (unusual spellings, and every rejection). The rest went native.
+    python_path: int = 0

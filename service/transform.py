@@ -342,6 +342,9 @@ class Transformer:
             )
             # The records the engine declined (unusual or failing ones) take the path below.
             pending = [(i, values[i]) for i in declined]
+            result.python_path = len(declined)
+        else:
+            result.python_path = len(values)
         for index, raw in pending:
             try:
                 if len(raw) > max_bytes:

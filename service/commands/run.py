@@ -20,6 +20,10 @@ from service.keystore import open_keystore
 from service.logs import log_event, log_exception, setup_logging
 from service.metrics import Metrics, MetricsServer, serve
 from service.months import zone
+from service.native import ENV as NATIVE_ENV
+from service.native import available as native_available
+from service.native import openssl_version
+from service.native import wanted as native_wanted
 from service.policy import load_policy
 from service.runtime import tune_gc
 from service.transform import Transformer
@@ -68,6 +72,21 @@ def build_transformer(settings: Settings) -> Transformer:
         tz=zone(settings.timezone) if settings.timezone else None,
         future_tolerance_s=settings.future_tolerance_s,
         integrity=settings.integrity.enabled,
+    )
+
+
+def transform_path(transformer: Transformer) -> tuple[str, str]:
+    """(path, why) of the transform, for the start-up log: a processor on the Python path
+    alone runs at a fraction of the native path's rate (docs/benchmarks.md)."""
+    if transformer.native:
+        return "native", f"service._native with {openssl_version()}"
+    if not native_available():
+        return "python", "the extension service._native is not built (docs/operations.md)"
+    if not native_wanted():
+        return "python", f"{NATIVE_ENV}=0"
+    return "python", (
+        "the policy uses what the native path has no table for (a reference zone other "
+        "than UTC, a check it does not know)"
     )
 
 
@@ -142,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "confluent") == "faust":
         return _run_faust(settings, metrics)
     transformer = build_transformer(settings)
+    path, detail = transform_path(transformer)
+    log_event(_LOG, "transform", path=path, detail=detail)
     runner = build_runner(settings, metrics, transformer)
     server = start_metrics(settings, metrics)
     tune_gc()

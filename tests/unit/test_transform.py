@@ -12,8 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import service.transform as transform_module
+from service.commands.run import transform_path
 from service.identifiers import luhn_ok
+from service.keyring import Keyring
 from service.keystore.base import key_id
+from service.keystore.file import FileKeystore
+from service.keystore.master import MasterKey
+from service.months import zone
 from service.policy import load_policy, parse_policy
 from service.sealing import Unsealer
 from service.transform import Transformer
@@ -363,3 +368,40 @@ def test_pseudonym_caches_share_one_bound_across_months(
     # Clearing loses nothing: the same records give the same pseudonyms again.
     again = tf.transform(batch, now_ms())
     assert [o.value for o in first.sanitised] == [o.value for o in again.sanitised]
+
+
+def test_python_path_counts_what_the_native_path_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = [
+        raw(cdr(cdr_id="plain-1")),
+        raw(cdr(cdr_id="plain-2", event_time="2026-10-15T12:00:00+02:00")),
+        raw(cdr(cdr_id="caf\u00e9")),  # non-ASCII text: the Python path writes it
+        raw(cdr(cdr_id="bad-imei", imei="490154203237519")),  # rejected: always Python
+    ]
+    native = make_transformer(tmp_path)
+    assert native.native
+    res = native.transform(batch, now_ms())
+    assert (len(res.sanitised), len(res.rejected), res.python_path) == (3, 1, 2)
+    monkeypatch.setenv("CDRANON_NATIVE", "0")
+    python = make_transformer(tmp_path)
+    assert not python.native
+    again = python.transform(batch, now_ms())
+    assert again.python_path == 4
+    assert [r.value for r in again.sanitised] == [r.value for r in res.sanitised]
+
+
+def test_the_start_up_line_says_which_path_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, detail = transform_path(make_transformer(tmp_path))
+    assert path == "native"
+    assert "OpenSSL" in detail
+    monkeypatch.setenv("CDRANON_NATIVE", "0")
+    assert transform_path(make_transformer(tmp_path)) == ("python", "CDRANON_NATIVE=0")
+    monkeypatch.delenv("CDRANON_NATIVE")
+    store = FileKeystore(tmp_path / "keys", MasterKey(b"\x07" * 32, source="test"))
+    berlin = Transformer(load_policy(), Keyring(store), tz=zone("Europe/Berlin"))
+    path, detail = transform_path(berlin)
+    assert path == "python"
+    assert "zone" in detail
