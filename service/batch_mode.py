@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import orjson
 
@@ -66,8 +66,10 @@ class MonthFiles:
         except OSError as exc:
             raise ConfigError(f"cannot create output directory {out}: {exc.strerror}") from exc
         self._files: dict[Path, IO[bytes]] = {}
-        # Lines in each month file so far: a record's position for the integrity roots.
-        self._lines: dict[Path, int] = {}
+        # (kind, month) -> [its file, lines in it so far]: a record's position for the
+        # integrity roots. Looked up once per record, so no Path is built per record
+        # (that was ~75% of `cdranon process` with the native transform).
+        self._slots: dict[tuple[str, str], list[Any]] = {}
 
     def _open(self, path: Path, mode: int) -> IO[bytes]:
         f = self._files.get(path)
@@ -81,14 +83,16 @@ class MonthFiles:
 
     def write(self, kind: str, month: str, value: bytes) -> int:
         """Append one record; return its position (0-based line) in the month file."""
-        path = self.out / kind / f"{month}.jsonl"
-        f = self._open(path, 0o640)
-        pos = self._lines.get(path)
-        if pos is None:
+        slot = self._slots.get((kind, month))
+        if slot is None:
+            path = self.out / kind / f"{month}.jsonl"
+            f = self._open(path, 0o640)
             f.flush()
-            pos = _count_lines(path)
-        f.write(value + b"\n")
-        self._lines[path] = pos + 1
+            slot = self._slots[(kind, month)] = [f, _count_lines(path)]
+        pos: int = slot[1]
+        slot[0].write(value)
+        slot[0].write(b"\n")
+        slot[1] = pos + 1
         return pos
 
     def reject(self, line: int, reason: str, fld: str | None, message: str, raw: bytes) -> None:
@@ -109,6 +113,7 @@ class MonthFiles:
             os.fsync(f.fileno())
             f.close()
         self._files.clear()
+        self._slots.clear()
 
 
 def _count_lines(path: Path) -> int:

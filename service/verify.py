@@ -35,7 +35,12 @@ from orjson import OPT_SORT_KEYS, JSONDecodeError, JSONEncodeError, dumps, loads
 
 from service.integrity import DIGEST_FIELD, billing_part
 from service.jsonkeys import has_duplicate_keys
-from service.merkle import inclusion_proof, leaf_hashes, root, root_from_leaf_hashes
+from service.merkle import (
+    inclusion_proof,
+    leaf_hashes,
+    root_from_leaf_hashes,
+    root_of_hex_digests,
+)
 from service.native import native_digests
 
 
@@ -101,7 +106,7 @@ def root_event_details(
         "first": first,
         "last": last,
         "size": len(digests),
-        "root": root([bytes.fromhex(d) for d in digests]).hex(),
+        "root": root_of_hex_digests(digests).hex(),
     }
 
 
