@@ -19,8 +19,11 @@
  *     "-0", integers over 18 digits, decimals over 15 significant digits, trailing zeros,
  *     more than 4 leading fractional zeros;
  *   - a repeated key, a failed check of any kind (rejections are always written by the
- *     Python path, with its messages), an event time not in "YYYY-MM-DDTHH:MM:SS[.fff]Z"
- *     or non-negative epoch milliseconds, a month whose identifiers are stripped.
+ *     Python path, with its messages), an event time not in
+ *     "YYYY-MM-DDTHH:MM:SS[.fff]" + "Z" or "+HH:MM"/"-HH:MM" (the month is then the UTC
+ *     one, the reference zone; any other zone keeps the engine off) or non-negative epoch
+ *     milliseconds, an instant outside years 1970-9999 in UTC for an offset time, a month
+ *     whose identifiers are stripped.
  * tests/unit/test_native.py holds the equality to the Python path, record by record.
  *
  * Crypto is OpenSSL's libcrypto (the library `cryptography` itself wraps): AES-256-GCM
@@ -819,9 +822,10 @@ one(Engine *e, Py_ssize_t index, const char *raw, Py_ssize_t len, long long now_
             return 0;
         }
     }
+    if (event_ms > latest_ms) return 0;   /* before the context, as the Python path */
     Ctx *ctx = get_ctx(ctxs, nctx, month, cls, cb);
     if (!ctx) return -1;
-    if (ctx->declined || event_ms > latest_ms || now_ms >= ctx->billing_until_ms) return 0;
+    if (ctx->declined || now_ms >= ctx->billing_until_ms) return 0;
 
     /* identifiers: checked and normalised before anything is written */
     char norm[MAX_FIELDS][264], gen[MAX_FIELDS][264];
@@ -983,7 +987,9 @@ engine_run(Engine *self, PyObject *args)
     if (!PyType_IsSubtype(otype, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "OutRecord must be a tuple type"); return NULL;
     }
-    PyObject *seq = PySequence_Fast(values, "values must be a sequence");
+    /* A tuple of the values, not the caller's list: the month callback runs Python code,
+     * which must not be able to resize the sequence (or free a record) under the loop. */
+    PyObject *seq = PySequence_Tuple(values);
     if (!seq) return NULL;
     PyObject *declined = PyList_New(0);
     Ctx *ctxs = PyMem_Calloc(MAX_CTX + 1, sizeof(Ctx));

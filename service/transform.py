@@ -127,6 +127,21 @@ def _stripped_head(month: str) -> bytes:
     return _key("month") + dumps(month) + _key("key_id") + b"null"
 
 
+# A deadline past year 9999, where datetime's range ends: no clock reaches it.
+_NEVER_MS = 1 << 62
+
+
+def _deadline_ms(
+    until: Callable[[str, int, tzinfo], datetime], month: str, n: int, tz: tzinfo
+) -> int:
+    """Epoch ms of a month's deadline; _NEVER_MS when it falls after year 9999 (a month
+    in the 9990s: reachable with --now, and it must not end the batch)."""
+    try:
+        return to_ms(until(month, n, tz))
+    except (ValueError, OverflowError):
+        return _NEVER_MS
+
+
 def _check_unique_keys(raw: bytes) -> None:
     """RecordError if any object in ``raw`` (already valid JSON for orjson) repeats a key."""
     try:
@@ -269,8 +284,8 @@ class Transformer:
 
     def _ctx(self, month: str, rclass: RetentionClass, now_ms: int) -> _MonthCtx:
         tz = self.tz
-        bill_ms = to_ms(billing_until(month, rclass.billing_years, tz))
-        if now_ms >= to_ms(identifiers_until(month, rclass.identifier_months, tz)):
+        bill_ms = _deadline_ms(billing_until, month, rclass.billing_years, tz)
+        if now_ms >= _deadline_ms(identifiers_until, month, rclass.identifier_months, tz):
             # Past the identifier deadline: never a key for this month (RETENTION-RULES).
             return _MonthCtx(
                 month, None, STRIP_PAST_DEADLINE, bill_ms, None, None, {}, _stripped_head(month)
@@ -418,16 +433,17 @@ class Transformer:
                 else:
                     event_ms, month = self._event_time(et)
 
-                rclass = class_get(rec.get("country"), default_class)
-                ctx = ctxs.get((month, rclass.name))
-                if ctx is None:
-                    ctx = ctxs[(month, rclass.name)] = self._ctx(month, rclass, now_ms)
                 if event_ms > latest_ms:
+                    # Before the month's context: a month that far ahead needs no key.
                     raise RecordError(
                         "too_far_in_future",
                         "event_time",
                         "event time is later than now plus the tolerance",
                     )
+                rclass = class_get(rec.get("country"), default_class)
+                ctx = ctxs.get((month, rclass.name))
+                if ctx is None:
+                    ctx = ctxs[(month, rclass.name)] = self._ctx(month, rclass, now_ms)
                 if now_ms >= ctx.billing_until_ms:
                     raise RecordError(
                         "past_billing_deadline",
@@ -594,14 +610,21 @@ class Transformer:
                 raise RecordError(
                     "invalid_value", "event_time", "expected a Z or an offset such as +01:00"
                 )
-            ms = floor(dt.timestamp()) * 1000 + dt.microsecond // 1000
+            try:
+                ms = floor(dt.timestamp()) * 1000 + dt.microsecond // 1000
+                month = month_of(dt, self.tz)
+            except (OverflowError, ValueError):
+                # 0001-01-01T00:00:00+01:00 is in year 0 in UTC: outside datetime's range.
+                raise RecordError(
+                    "invalid_value", "event_time", "event time outside years 1-9999"
+                ) from None
             if self.utc and s[-1] == "Z":
                 if len(s) in (20, 24) and s[16] == ":":
                     if len(self._minutes) >= _MINUTE_CACHE_ENTRIES:
                         self._minutes.clear()
                     self._minutes[s[:16]] = ms - dt.second * 1000 - dt.microsecond // 1000
                 return ms, s[:7]
-            return ms, month_of(dt, self.tz)
+            return ms, month
         if te is int:
             try:
                 return et, month_of_ms(et, self.tz)

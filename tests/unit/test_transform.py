@@ -22,7 +22,7 @@ from service.months import zone
 from service.policy import load_policy, parse_policy
 from service.sealing import Unsealer
 from service.transform import Transformer
-from tests.unit.core_helpers import cdr, make_transformer, now_ms, raw
+from tests.unit.core_helpers import NOW, cdr, make_transformer, now_ms, raw
 
 BILLING = [
     "cdr_id",
@@ -405,3 +405,39 @@ def test_the_start_up_line_says_which_path_and_why(
     path, detail = transform_path(berlin)
     assert path == "python"
     assert "zone" in detail
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize(
+    ("event_time", "now", "reason"),
+    [
+        # Found by the native path's differential tests: these raised out of transform()
+        # (datetime's range ends in year 9999), so one record failed its whole batch.
+        ("9990-01-01T00:00:00Z", NOW, "too_far_in_future"),
+        (253402300799999, NOW, "too_far_in_future"),
+        ("0001-01-01T00:00:00+01:00", NOW, "invalid_value"),
+        ("9999-12-31T23:59:59-01:00", NOW, "invalid_value"),
+        # A month whose billing deadline would be after year 9999: kept, not a crash.
+        ("9990-01-01T00:00:00Z", "9995-06-01T00:00:00Z", None),
+    ],
+)
+def test_event_times_at_the_ends_of_the_calendar(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    native: str,
+    event_time: str | int,
+    now: str,
+    reason: str | None,
+) -> None:
+    monkeypatch.setenv("CDRANON_NATIVE", native)
+    tf = make_transformer(tmp_path)
+    batch = [raw(cdr(cdr_id="edge", event_time=event_time)), raw(cdr(cdr_id="ok"))]
+    res = tf.transform(batch, now_ms(now))
+    # The other record's outcome shows the batch went on (in 9995 its month, 2026-10, is
+    # past the billing deadline).
+    assert len(res.sanitised) + len(res.rejected) == 2
+    if reason is None:
+        assert [o.source for o in res.sanitised] == [0]
+        assert res.stripped == 1  # 9990-01's identifiers are past their deadline in 9995
+    else:
+        assert [(r.index, r.reason, r.field) for r in res.rejected] == [(0, reason, "event_time")]

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 from hashlib import sha256
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from service.integrity import DIGEST_FIELD, added_fields, billing_part, digest
 from service.merkle import verify_inclusion
+from service.native import native_digests
 from service.policy import load_policy
 from service.verify import (
     RootEvent,
     TaggedRecord,
+    _Columns,
     _leaf,
     leaves_of,
     proof_for,
@@ -289,3 +293,56 @@ def test_proof_finds_ids_spelt_any_way(tmp_path: Path) -> None:
         assert proof["leaf_index"] == 1
     assert proof_for("\udc80", "s", records, roots, ADDED) is None
     assert proof_for("\ud800x", "s", records, roots, ADDED) is None
+
+
+# --- the native digest pass (service._native.digests) against the Python one ----------
+
+
+def _columns_both_ways(values: list[bytes], added: frozenset[str]) -> tuple[Any, Any]:
+    native, python = _Columns(), _Columns()
+    native.add(values, added)
+    python.add_python(values, added)
+    return (
+        (native.digests, native.leaves, bytes(native.status), native.ids),
+        (python.digests, python.leaves, bytes(python.status), python.ids),
+    )
+
+
+def test_native_digest_pass_is_built() -> None:
+    # Without it the comparisons below would compare the Python pass with itself.
+    assert native_digests() is not None
+
+
+def test_native_digest_pass_equals_the_python_one(tmp_path: Path) -> None:
+    tf = make_transformer(tmp_path)
+    res = tf.transform(
+        [raw(cdr(cdr_id=f"c{i}", price=i / 7, parts=i)) for i in range(40)], now_ms()
+    )
+    added = added_fields(load_policy())
+    good = [o.value for o in res.sanitised]
+    odd = [
+        good[0].replace(b'"parts":0', b'"parts":1'),  # altered: digest no longer matches
+        good[1].replace(b'"sms"', b'"s\\u006ds"'),  # an escape: the Python pass decides
+        good[2].replace(b'"c2"', b'"c\xc3\xa92"'),  # non-ASCII
+        good[3][:-1] + b',"cdr_id":"other"}',  # a repeated key
+        good[4].replace(b"{", b'{ "note" : {"nested": [1, 2.50]} ,', 1),  # nested, spaced
+        good[5].replace(b'"price":', b'"price":1e-3,"x":'),  # an exponent
+        b"[1]",
+        b"not json",
+        b'{"cdr_id":"only","billing_digest":"00"}',
+    ]
+    values = good + odd
+    native, python = _columns_both_ways(values, added)
+    assert native == python
+    status = native[2]
+    assert list(status[: len(good)]) == [1] * len(good)
+    # altered, an escape of the same text (still the same billing value), non-ASCII (other
+    # value), a repeated key, nested (not billing: changes it), exponent, not objects
+    assert list(status[len(good) :]) == [0, 1, 0, 3, 0, 0, 2, 2, 0]
+    # Buffers (a worker's share is memoryviews of one blob) give the same answers.
+    blob = b"".join(values)
+    offsets = [0]
+    for v in values:
+        offsets.append(offsets[-1] + len(v))
+    views = [memoryview(blob)[a:b] for a, b in itertools.pairwise(offsets)]
+    assert _columns_both_ways(views, added) == (python, python)  # type: ignore[arg-type]
