@@ -157,7 +157,8 @@ def test_dockerfile_builds_the_native_path() -> None:
     # libcrypto's headers, and the runtime stage proves the module loads.
     text = (REPO / "Dockerfile").read_text()
     build, runtime = text.split("AS runtime")
-    assert "libssl-dev" in build and "setup.py" in build
+    assert "libssl-dev" in build
+    assert "setup.py" in build
     assert "import service._native" in runtime
     ignore = (REPO / ".dockerignore").read_text().split()
     assert not {"setup.py", "service"} & set(ignore)
