@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 import service.transform as transform_module
 from service.commands.run import transform_path
+from service.errors import KeystoreUnavailableError
 from service.identifiers import luhn_ok
 from service.keyring import Keyring
 from service.keystore.base import key_id
@@ -441,3 +444,27 @@ def test_event_times_at_the_ends_of_the_calendar(
         assert res.stripped == 1  # 9990-01's identifiers are past their deadline in 9995
     else:
         assert [(r.index, r.reason, r.field) for r in res.rejected] == [(0, reason, "event_time")]
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_keystore_unavailable_raises_out_of_either_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: str
+) -> None:
+    """The month context is made in Python, also for the native path (it calls back): a
+    keystore that cannot create the month's key raises out of transform() (the runner
+    pauses and retries the whole batch), and the next try goes through."""
+    monkeypatch.setenv("CDRANON_NATIVE", native)
+    tf = make_transformer(tmp_path)
+    assert tf.native is (native == "1")
+
+    def refuse(final: Path, data: bytes, *, mode: int = 0o600) -> bool:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
+
+    batch = [raw(cdr(cdr_id=f"c{i}")) for i in range(3)]
+    with monkeypatch.context() as m:
+        m.setattr("service.keystore.file.create_exclusive", refuse)
+        with pytest.raises(KeystoreUnavailableError, match=os.strerror(errno.ENOSPC)):
+            tf.transform(batch, now_ms())
+    res = tf.transform(batch, now_ms())
+    assert [o.source for o in res.sanitised] == [0, 1, 2]
+    assert res.python_path == (0 if native == "1" else 3)
