@@ -317,7 +317,6 @@ scan_string(const char *p, const char *end)
 static const char *
 scan_number(const char *p, const char *end, int *type)
 {
-    const char *s = p;
     int neg = 0;
     if (p < end && *p == '-') { neg = 1; p++; }
     const char *ip = p;
@@ -350,7 +349,6 @@ scan_number(const char *p, const char *end, int *type)
         }
         if (sig > 15 || ilen > 15) return NULL;
         *type = T_FLOAT;
-        (void)s;
         return p;
     }
     if (ilen > 18) return NULL;
@@ -749,7 +747,7 @@ out_record(PyTypeObject *type, PyObject *idx, PyObject *month, PyObject *key, Py
      * so the cyclic GC need not traverse it (CPython untracks such tuples itself, but
      * only when a collection first visits them: two per record made every young
      * collection walk a batch's worth, ~15% of the engine's time). */
-    if (PyObject_GC_IsTracked(r)) PyObject_GC_UnTrack(r);
+    PyObject_GC_UnTrack(r);
     Py_INCREF(idx); Py_INCREF(month); Py_INCREF(key); Py_INCREF(ms); Py_INCREF(digest);
     PyTuple_SET_ITEM(r, 0, idx);
     PyTuple_SET_ITEM(r, 1, month);
@@ -1199,7 +1197,7 @@ native_digests(PyObject *mod, PyObject *args)
 /* The RFC 6962 tree head over n leaf hashes (32 bytes each, in `h`, overwritten):
  * adjacent nodes paired level by level, SHA-256(0x01 || left || right), an odd last node
  * promoted unchanged: service/merkle.py's root_from_leaf_hashes, which it must equal. */
-static int
+static void
 root_in_place(unsigned char *h, Py_ssize_t n, unsigned char out[32])
 {
     static const unsigned char node = 1;
@@ -1214,7 +1212,6 @@ root_in_place(unsigned char *h, Py_ssize_t n, unsigned char out[32])
         n = m;
     }
     memcpy(out, h, 32);
-    return 1;
 }
 
 /* merkle_root(hashes) -> bytes: the tree head over leaf hashes (bytes of 32 each; n >= 1).
@@ -1261,7 +1258,7 @@ merkle(PyObject *seq_in, int hex)
         sha256_parts(buf, 1 + len / 2, NULL, 0, NULL, 0, h + 32 * i);
     }
     unsigned char out[32];
-    if (!root_in_place(h, n, out)) { PyErr_SetString(PyExc_RuntimeError, "SHA-256 failed"); goto done; }
+    root_in_place(h, n, out);
     res = PyBytes_FromStringAndSize((char *)out, 32);
 done:
     PyMem_Free(h);

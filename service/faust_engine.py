@@ -245,8 +245,7 @@ class Anonymiser:
             m.records_produced.labels("sealed").inc(len(result.sealed))
             m.records_produced.labels("sanitised").inc(len(result.sanitised))
             m.records_produced.labels("rejected").inc(len(result.rejected))
-            m.transform_path.labels("python").inc(result.python_path)
-            m.transform_path.labels("native").inc(n - result.python_path)
+            m.count_transform_paths(n, result.python_path)
             if result.rejected:
                 m.count_rejected(r.reason for r in result.rejected)
             for reason, count in result.stripped_reasons.items():

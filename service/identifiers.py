@@ -17,7 +17,7 @@ from service.errors import RecordError
 
 # E.164 country calling codes from libphonenumber's metadata (the phonenumbers package):
 # well kept, updated with the numbering plans, not a hand-written table.
-_CALLING_CODES = frozenset(str(cc) for cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+CALLING_CODES = frozenset(str(cc) for cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
 _MSISDN_STRIP = str.maketrans("", "", " -.()/\t")
 _DIGITS = frozenset("0123456789")
 # Luhn: the value of a digit in a doubled position.
@@ -35,7 +35,7 @@ def _ascii_digits(s: str) -> bool:
 def calling_code(digits: str) -> str | None:
     """The E.164 country calling code that prefixes ``digits`` (1 to 3 digits), or None."""
     for n in (1, 2, 3):
-        if digits[:n] in _CALLING_CODES:
+        if digits[:n] in CALLING_CODES:
             return digits[:n]
     return None
 

@@ -167,6 +167,11 @@ class Metrics:
         self._reasons.add(reason)
         return reason
 
+    def count_transform_paths(self, records: int, python_path: int) -> None:
+        """Count a committed batch's input records by the transform path that took them."""
+        self.transform_path.labels("python").inc(python_path)
+        self.transform_path.labels("native").inc(records - python_path)
+
     def count_rejected(self, reasons: Iterable[str]) -> None:
         """Count committed rejections by reason."""
         counts: dict[str, int] = {}

@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-import phonenumbers
 from orjson import dumps
 
 from service.fields import COUNTRIES, NATIVE_CHECK_CODES
+from service.identifiers import CALLING_CODES
 from service.policy import Policy, RetentionClass
 
 _native: ModuleType | None
@@ -34,7 +34,6 @@ _TYPE_BITS = {str: 1, int: 2, float: 4, type(None): 8, bool: 16}
 _ANY = 31
 _KINDS = {"msisdn": 0, "imsi": 1, "imei": 2, "email": 3}
 _OPAQUE = 4
-_CALLING_CODES = tuple(str(cc) for cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
 
 
 def available() -> bool:
@@ -75,7 +74,9 @@ def openssl_version() -> str | None:
     return None if _native is None else str(_native.OPENSSL_VERSION)
 
 
-def _key(name: str) -> bytes:
+def key_fragment(name: str) -> bytes:
+    """',"name":' as JSON: field names come from the policy file, so they are escaped.
+    Both transform paths splice the outputs from such fragments."""
     return b"," + dumps(name) + b":"
 
 
@@ -127,13 +128,13 @@ def build_engine(
                     policy.email_domain,
                     general.index(gen) if gen is not None else -1,
                     kind.encode() + b"\x00",
-                    _key(gen) if gen is not None else b"",
-                    _key(name + "_pseudonym") + b'"',
+                    key_fragment(gen) if gen is not None else b"",
+                    key_fragment(name + "_pseudonym") + b'"',
                     dumps(name) + b":",
                 )
             )
     absent = tuple(
-        b"".join(_key(g) + b"null" for i, g in enumerate(general) if not mask >> i & 1)
+        b"".join(key_fragment(g) + b"null" for i, g in enumerate(general) if not mask >> i & 1)
         for mask in range(1 << len(general))
     )
     classes = [policy.default_class]
@@ -155,7 +156,7 @@ def build_engine(
         absent,
         sorted(COUNTRIES),
         class_of,
-        _CALLING_CODES,
+        sorted(CALLING_CODES),
         sorted(policy.three_digit_mnc_mccs),
         max_record_bytes,
     )

@@ -39,7 +39,7 @@ from service.keyring import Keyring
 from service.keystore.base import key_id
 from service.monthkeys import MonthKeys
 from service.months import billing_until, identifiers_until, month_of, month_of_ms, to_ms
-from service.native import build_engine
+from service.native import build_engine, key_fragment
 from service.outputs import BatchResult, OutRecord, Rejected
 from service.policy import Policy, RetentionClass
 from service.pseudonyms import PSEUDONYM_BYTES
@@ -117,14 +117,9 @@ class _MonthCtx:
     head: bytes  # ',"month":"2026-10","key_id":"2026-10/default"'
 
 
-def _key(name: str) -> bytes:
-    """',"name":' as JSON: field names come from the policy file, so they are escaped."""
-    return b"," + dumps(name) + b":"
-
-
 def _stripped_head(month: str) -> bytes:
     """',"month":"2026-10","key_id":null': the head of a stripped record."""
-    return _key("month") + dumps(month) + _key("key_id") + b"null"
+    return key_fragment("month") + dumps(month) + key_fragment("key_id") + b"null"
 
 
 # A deadline past year 9999, where datetime's range ends: no clock reaches it.
@@ -256,8 +251,8 @@ class Transformer:
                         a,
                         gen,
                         b.encode() + b"\x00",
-                        _key(gen) if gen is not None else b"",
-                        _key(k + "_pseudonym") + b'"',
+                        key_fragment(gen) if gen is not None else b"",
+                        key_fragment(k + "_pseudonym") + b'"',
                     )
                 )
         for name, what in _REQUIRED:
@@ -273,7 +268,9 @@ class Transformer:
             memo_get=itemgetter(*(f for f, _ in memo)) if memo else None,
             memo_checks=tuple(memo),
             memo_good=set(),
-            absent=b"".join(_key(g) + b"null" for g in self._general_none if g not in present),
+            absent=b"".join(
+                key_fragment(g) + b"null" for g in self._general_none if g not in present
+            ),
         )
         if len(self._plans) >= _PLAN_CACHE_ENTRIES:
             self._plans.clear()
@@ -303,7 +300,7 @@ class Transformer:
         caches = self._caches.get(kid)
         if caches is None:
             caches = self._caches[kid] = {f: {} for f in self.policy.identifier_fields}
-        head = _key("month") + dumps(month) + _key("key_id") + dumps(kid)
+        head = key_fragment("month") + dumps(month) + key_fragment("key_id") + dumps(kid)
         return _MonthCtx(month, kid, None, bill_ms, BatchSealer(keys), keys, caches, head)
 
     # -- the batch ----------------------------------------------------------------------
@@ -341,7 +338,7 @@ class Transformer:
         latest_ms = now_ms + self.future_tolerance_ms
         integrity = self.integrity
         join = b"".join
-        digest_key = _key(DIGEST_FIELD) + b'"'
+        digest_key = key_fragment(DIGEST_FIELD) + b'"'
         pending: Iterable[tuple[int, bytes]] = enumerate(values)
         engine = self._engine
         if engine is not None:

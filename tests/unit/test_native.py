@@ -211,30 +211,12 @@ def test_non_utc_policy_keeps_the_engine_off(
 
 # --- policies ----------------------------------------------------------------------------
 
-_DEFAULT_BILLING = [
-    "cdr_id",
-    "event_time",
-    "account_id",
-    "channel",
-    "direction",
-    "sender_id",
-    "status",
-    "parts",
-    "duration_s",
-    "price",
-    "currency",
-    "route_id",
-    "mcc",
-    "mnc",
-    "country",
-]
-
 
 def _write_policy(tmp_path: Path, *, timezone: str = "UTC") -> Policy:
     """A policy file with e-mail domains kept, a custom billing field (no check), an
     opaque identifier and jurisdictions with retention periods of their own (one whose
     billing fields go before its identifiers)."""
-    billing = ", ".join(f'"{f}"' for f in [*_DEFAULT_BILLING, "note"])
+    billing = ", ".join(f'"{f}"' for f in [*load_policy().billing_fields, "note"])
     text = f"""
 [fields]
 billing = [{billing}]
