@@ -117,6 +117,7 @@ typedef struct {
     Py_ssize_t header_len;
     char *aad; Py_ssize_t aad_prefix_len, aad_cap;
     unsigned long long counter;
+    PyObject *leaves;    /* the month's leaf hashes (bytearray, shared by its classes), or NULL */
 } Ctx;
 
 typedef struct {
@@ -640,6 +641,7 @@ ctx_clear(Ctx *c)
 {
     Py_CLEAR(c->month_str);
     Py_CLEAR(c->head);
+    Py_CLEAR(c->leaves);
     if (c->aead) EVP_CIPHER_CTX_free(c->aead);   /* cleanses the key schedule */
     if (c->mac) EVP_MAC_CTX_free(c->mac);
     c->aead = NULL; c->mac = NULL;
@@ -692,6 +694,28 @@ get_ctx(Ctx *ctxs, int *nctx, const char month[7], int cls, PyObject *cb)
     Py_DECREF(r);
     if (!ok) { PyErr_SetString(PyExc_RuntimeError, "OpenSSL refused the month keys"); return NULL; }
     return c;
+}
+
+/* leaves[month] (a bytearray shared by the month's classes: one tree per topic), made on
+ * the month's first record, as the Python path does; NULL with an exception set. */
+static PyObject *
+ctx_leaves(Ctx *c, PyObject *leaves)
+{
+    if (c->leaves) return c->leaves;
+    PyObject *buf = PyDict_GetItemWithError(leaves, c->month_str);
+    if (!buf) {
+        if (PyErr_Occurred()) return NULL;
+        buf = PyByteArray_FromStringAndSize(NULL, 0);
+        if (!buf) return NULL;
+        if (PyDict_SetItem(leaves, c->month_str, buf) < 0) { Py_DECREF(buf); return NULL; }
+    } else if (!PyByteArray_Check(buf)) {
+        PyErr_SetString(PyExc_TypeError, "leaves[month] must be a bytearray");
+        return NULL;
+    } else {
+        Py_INCREF(buf);
+    }
+    c->leaves = buf;
+    return buf;
 }
 
 /* ---------------------------------------------------------------- output */
@@ -776,7 +800,8 @@ sort_fields(const Engine *e, Field **f, int n)
 static int
 one(Engine *e, Py_ssize_t index, const char *raw, Py_ssize_t len, long long now_ms,
     long long latest_ms, int integrity, PyObject *cb, Ctx *ctxs, int *nctx, PyObject *sealed,
-    PyObject *sanitised, PyTypeObject *otype)
+    PyObject *sanitised, PyTypeObject *otype, const char *tag, Py_ssize_t tag_len,
+    PyObject *leaves)
 {
     Field fields[MAX_FIELDS];
     int nf = 0;
@@ -868,7 +893,7 @@ one(Engine *e, Py_ssize_t index, const char *raw, Py_ssize_t len, long long now_
     }
     Py_ssize_t head_len = PyBytes_GET_SIZE(ctx->head);
     Py_ssize_t need = 3 * len + 2 * head_len + PyBytes_GET_SIZE(e->absent[mask]) + idents_len
-                      + 6 * plain_len + 4 * ctx->header_len + 1024;
+                      + 6 * plain_len + 4 * ctx->header_len + tag_len + 1024;
     if (reserve(e, need) < 0) return -1;
     char *doc = e->buf, *o = doc;
     *o++ = '{';
@@ -964,6 +989,20 @@ one(Engine *e, Py_ssize_t index, const char *raw, Py_ssize_t len, long long now_
         o = put(o, hexd, 64);
         *o++ = '"';
     }
+    if (tag) {
+        /* the record's leaf: "<batch>/<index in the month's tree>" (service/integrity.py);
+         * nothing past this point declines the record */
+        if (!ctx_leaves(ctx, leaves)) { Py_DECREF(digest); return -1; }
+        o = put(o, ",\"integrity_leaf\":\"", 19);
+        o = put(o, tag, tag_len);
+        *o++ = '/';
+        char digits[24];
+        int nd = 0;
+        for (Py_ssize_t v = PyByteArray_GET_SIZE(ctx->leaves) / 32; nd == 0 || v; v /= 10)
+            digits[nd++] = (char)('0' + v % 10);
+        while (nd) *o++ = digits[--nd];
+        *o++ = '"';
+    }
     *o++ = '}';
     Py_ssize_t san_len = o - san;
 
@@ -979,25 +1018,55 @@ one(Engine *e, Py_ssize_t index, const char *raw, Py_ssize_t len, long long now_
         r2 = r1 ? out_record(otype, idx, ctx->month_str, key, ms, san, san_len, digest) : NULL;
         if (r2 && PyList_Append(sealed, r1) == 0 && PyList_Append(sanitised, r2) == 0) rc = 1;
     }
+    if (rc == 1 && tag) {
+        /* its RFC 6962 leaf hash, SHA-256(0x00 || digest), at that index */
+        static const unsigned char zero = 0;
+        Py_ssize_t at = PyByteArray_GET_SIZE(ctx->leaves);
+        if (PyByteArray_Resize(ctx->leaves, at + 32) < 0) rc = -1;
+        else sha256_parts(&zero, 1, md, 32, NULL, 0, (unsigned char *)PyByteArray_AS_STRING(ctx->leaves) + at);
+    }
     Py_XDECREF(key); Py_XDECREF(ms); Py_XDECREF(idx); Py_XDECREF(r1); Py_XDECREF(r2);
     Py_DECREF(digest);
     return rc;
 }
 
-/* Engine.run(values, now_ms, latest_ms, integrity, ctx_cb, sealed, sanitised, OutRecord)
- * -> list of the indices declined (for the Python path). */
+/* Engine.run(values, now_ms, latest_ms, integrity, ctx_cb, sealed, sanitised, OutRecord
+ *            [, leaf_tag, leaves]) -> list of the indices declined (for the Python path).
+ * leaf_tag (bytes, printable ASCII without '"' or '\\', at most 64; integrity on): each
+ * sanitised record gets ',"integrity_leaf":"<leaf_tag>/<i>"' after its digest, i its
+ * index in leaves[month] (a bytearray of 32-byte leaf hashes, created here if missing),
+ * to which its leaf hash is appended. None (the default): neither. */
 static PyObject *
 engine_run(Engine *self, PyObject *args)
 {
-    PyObject *values, *cb, *sealed, *sanitised;
+    PyObject *values, *cb, *sealed, *sanitised, *tag_obj = Py_None, *leaves = Py_None;
     PyTypeObject *otype;
     long long now_ms, latest_ms;
     int integrity;
-    if (!PyArg_ParseTuple(args, "OLLpOO!O!O!", &values, &now_ms, &latest_ms, &integrity, &cb,
-                          &PyList_Type, &sealed, &PyList_Type, &sanitised, &PyType_Type, &otype))
+    if (!PyArg_ParseTuple(args, "OLLpOO!O!O!|OO", &values, &now_ms, &latest_ms, &integrity, &cb,
+                          &PyList_Type, &sealed, &PyList_Type, &sanitised, &PyType_Type, &otype,
+                          &tag_obj, &leaves))
         return NULL;
     if (!PyType_IsSubtype(otype, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "OutRecord must be a tuple type"); return NULL;
+    }
+    const char *tag = NULL;
+    Py_ssize_t tag_len = 0;
+    if (tag_obj != Py_None) {
+        int ok = PyBytes_Check(tag_obj) && PyDict_Check(leaves) && integrity
+                 && PyBytes_GET_SIZE(tag_obj) > 0 && PyBytes_GET_SIZE(tag_obj) <= 64;
+        for (Py_ssize_t i = 0; ok && i < PyBytes_GET_SIZE(tag_obj); i++)
+            ok = PLAIN[(unsigned char)PyBytes_AS_STRING(tag_obj)[i]];
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError,
+                            "leaf_tag: 1-64 bytes of printable ASCII without '\"' or '\\', with a "
+                            "leaves dict and integrity on");
+            return NULL;
+        }
+        tag = PyBytes_AS_STRING(tag_obj);
+        tag_len = PyBytes_GET_SIZE(tag_obj);
+    } else {
+        leaves = Py_None;
     }
     /* A tuple of the values, not the caller's list: the month callback runs Python code,
      * which must not be able to resize the sequence (or free a record) under the loop. */
@@ -1016,7 +1085,7 @@ engine_run(Engine *self, PyObject *args)
         int r = 0;
         if (PyBytes_Check(v))
             r = one(self, i, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), now_ms, latest_ms,
-                    integrity, cb, ctxs, &nctx, sealed, sanitised, otype);
+                    integrity, cb, ctxs, &nctx, sealed, sanitised, otype, tag, tag_len, leaves);
         if (r < 0) { failed = 1; break; }
         if (r == 0) {
             PyObject *idx = PyLong_FromSsize_t(i);
@@ -1214,12 +1283,33 @@ root_in_place(unsigned char *h, Py_ssize_t n, unsigned char out[32])
     memcpy(out, h, 32);
 }
 
-/* merkle_root(hashes) -> bytes: the tree head over leaf hashes (bytes of 32 each; n >= 1).
+/* merkle_root(hashes) -> bytes: the tree head over leaf hashes (bytes of 32 each; n >= 1),
+ * or over one bytes-like object holding them end to end (the transform's leaves[month]).
  * merkle_root_of_hex(digests) -> bytes: the same over the leaf hashes of the digests
  * given in hex (SHA-256(0x00 || bytes.fromhex(d)) each; "" is an empty leaf). */
 static PyObject *
 merkle(PyObject *seq_in, int hex)
 {
+    if (!hex && PyObject_CheckBuffer(seq_in)) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(seq_in, &view, PyBUF_SIMPLE) < 0) return NULL;
+        PyObject *res = NULL;
+        if (view.len < 32 || view.len % 32) {
+            PyErr_SetString(PyExc_ValueError, "leaf hashes: a non-empty multiple of 32 bytes");
+        } else {
+            unsigned char *h = PyMem_Malloc((size_t)view.len), out[32];
+            if (!h) {
+                PyErr_NoMemory();
+            } else {
+                memcpy(h, view.buf, (size_t)view.len);
+                root_in_place(h, view.len / 32, out);
+                res = PyBytes_FromStringAndSize((char *)out, 32);
+                PyMem_Free(h);
+            }
+        }
+        PyBuffer_Release(&view);
+        return res;
+    }
     PyObject *seq = PySequence_Fast(seq_in, "expected a sequence");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -1280,7 +1370,8 @@ native_merkle_root_of_hex(PyObject *mod, PyObject *arg)
 
 static PyMethodDef engine_methods[] = {
     {"run", (PyCFunction)engine_run, METH_VARARGS,
-     "run(values, now_ms, latest_ms, integrity, ctx_cb, sealed, sanitised, OutRecord) -> declined"},
+     "run(values, now_ms, latest_ms, integrity, ctx_cb, sealed, sanitised, OutRecord"
+     "[, leaf_tag, leaves]) -> declined"},
     {NULL, NULL, 0, NULL},
 };
 

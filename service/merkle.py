@@ -49,6 +49,17 @@ def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
     return python_root_from_leaf_hashes(hashes)
 
 
+def root_of_leaf_buffer(buf: bytes | bytearray) -> bytes:
+    """The tree head over leaf hashes stored end to end (32 bytes each, at least one):
+    the transform's ``BatchResult.leaves[month]``."""
+    if not buf or len(buf) % 32:
+        raise ValueError("leaf hashes: a non-empty multiple of 32 bytes")
+    native = native_merkle()
+    if native is not None:
+        return native[0](buf)
+    return python_root_from_leaf_hashes([bytes(buf[i : i + 32]) for i in range(0, len(buf), 32)])
+
+
 def root_of_hex_digests(digests: Sequence[str]) -> bytes:
     """The tree head over the leaves ``bytes.fromhex(d)`` of hex digests ("" is an empty
     leaf): what the runner signs per batch and month topic."""

@@ -60,10 +60,12 @@ def native_digests() -> Digests | None:
 
 
 def native_merkle() -> (
-    tuple[Callable[[Sequence[bytes]], bytes], Callable[[Sequence[str]], bytes]] | None
+    tuple[Callable[[Sequence[bytes] | bytes | bytearray], bytes], Callable[[Sequence[str]], bytes]]
+    | None
 ):
     """(merkle_root, merkle_root_of_hex) of the extension (service/merkle.py checks them
-    against its Python reference), or None when not built or CDRANON_NATIVE=0."""
+    against its Python reference), or None when not built or CDRANON_NATIVE=0.
+    merkle_root takes the leaf hashes as a sequence or as one buffer, end to end."""
     if _native is None or not wanted():
         return None
     return _native.merkle_root, _native.merkle_root_of_hex

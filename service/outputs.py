@@ -60,3 +60,7 @@ class BatchResult:
     # Input records the Python path handled: all of them with the native path off, else
     # those it declined (unusual spellings, and every rejection). The rest went native.
     python_path: int = 0
+    # With a leaf tag (service/integrity.py): per month, the sanitised records' RFC 6962
+    # leaf hashes (32 bytes each) in the order of their integrity_leaf indexes.
+    leaves: dict[str, bytearray] = field(default_factory=dict)
+    leaf_tag: bytes | None = None  # the batch id in those leaves

@@ -22,7 +22,17 @@ DEFAULT_CLASS = "default"
 IDENTIFIER_KINDS = frozenset({"msisdn", "imsi", "imei", "email", "opaque"})
 # Fields the service itself adds to its outputs: input fields may not take these names.
 RESERVED_OUTPUT_FIELDS = frozenset(
-    {"month", "key_id", "sealed", "msisdn_cc", "imsi_plmn", "imei_tac", "email_domain"}
+    {
+        "month",
+        "key_id",
+        "sealed",
+        "msisdn_cc",
+        "imsi_plmn",
+        "imei_tac",
+        "email_domain",
+        "billing_digest",
+        "integrity_leaf",
+    }
 )
 # \Z, not $: "$" also matches before a trailing newline.
 _CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")

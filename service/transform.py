@@ -13,6 +13,7 @@ this is the hot path (see benchmarks/transform_bench.py and PERFORMANCE-NOTES.md
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
@@ -33,10 +34,11 @@ from service.fields import (
     check_non_negative,
 )
 from service.identifiers import checker_for, general_field
-from service.integrity import DIGEST_FIELD
+from service.integrity import DIGEST_FIELD, LEAF_FIELD
 from service.jsonkeys import WS_TO_SPACE, DuplicateKeyError, check_unique
 from service.keyring import Keyring
 from service.keystore.base import key_id
+from service.merkle import leaf_hash
 from service.monthkeys import MonthKeys
 from service.months import billing_until, identifiers_until, month_of, month_of_ms, to_ms
 from service.native import build_engine, key_fragment
@@ -77,6 +79,8 @@ _MILLIS = {f"{i:03d}": i for i in range(1000)}
 _INLINE_CHECKS = (check_cdr_id, check_account)
 _RFC3339 = "expected RFC 3339 (2025-11-30T23:59:59Z)"
 _SEALED = b',"sealed":"'
+# The runner's batch ids (b<hex>n<seq>): JSON-safe as they are, no escaping needed.
+_LEAF_TAG = re.compile(rb"[A-Za-z0-9_.-]{1,64}\Z")
 _SOURCE = itemgetter(0)
 # What the native engine keeps per month and batch: (head, billing deadline in ms, sealing
 # subkey, blob header, AAD prefix, pseudonym key).
@@ -135,6 +139,27 @@ def _deadline_ms(
         return to_ms(until(month, n, tz))
     except (ValueError, OverflowError):
         return _NEVER_MS
+
+
+def _renumber_leaves(result: BatchResult, months: set[str]) -> None:
+    """Give the sanitised records of ``months`` (in input order) leaf indexes 0, 1, ... in
+    that order, and their months' leaf hashes the same order. Off the hot path: only
+    where both paths wrote records of a month."""
+    recs = result.sanitised
+    for month in months:
+        buf = bytearray()
+        for k, rec in enumerate(recs):
+            if rec.month != month:
+                continue
+            value = rec.value
+            # The leaf is the last field, its index the digits after the last "/".
+            cut = value.rindex(b"/") + 1
+            renumbered = value[:cut] + b"%d" % (len(buf) // 32) + b'"}'
+            if renumbered != value:
+                recs[k] = rec._replace(value=renumbered)
+            assert rec.digest is not None  # integrity is on with a leaf tag
+            buf += leaf_hash(bytes.fromhex(rec.digest))
+        result.leaves[month] = buf
 
 
 def _check_unique_keys(raw: bytes) -> None:
@@ -306,9 +331,13 @@ class Transformer:
     # -- the batch ----------------------------------------------------------------------
 
     def transform(  # noqa: PLR0912, PLR0915  # the hot path, kept inline on purpose
-        self, values: Sequence[bytes], now_ms: int
+        self, values: Sequence[bytes], now_ms: int, leaf_tag: bytes | None = None
     ) -> BatchResult:
         """Transform one batch. ``now_ms`` decides which deadlines have passed.
+
+        ``leaf_tag`` (integrity on; the runner's batch id, see service/integrity.py): each
+        sanitised record then carries ``integrity_leaf`` = ``"<leaf_tag>/<i>"``, ``i`` its
+        index in its month's tree, whose leaf hashes the result holds in ``leaves``.
 
         May raise KeystoreUnavailableError (nothing is returned then; the caller retries
         the whole batch). Every other problem is a per-record rejection.
@@ -339,6 +368,13 @@ class Transformer:
         integrity = self.integrity
         join = b"".join
         digest_key = key_fragment(DIGEST_FIELD) + b'"'
+        leaves = result.leaves
+        if leaf_tag is not None:
+            if not integrity or not _LEAF_TAG.match(leaf_tag):
+                raise ValueError("a leaf tag needs integrity on and is 1-64 of [A-Za-z0-9_.-]")
+            leaf_key = b'",' + key_fragment(LEAF_FIELD)[1:] + b'"' + leaf_tag + b"/"
+            result.leaf_tag = leaf_tag
+        leaf_months: set[str] = set()  # months the Python path gave leaves
         pending: Iterable[tuple[int, bytes]] = enumerate(values)
         engine = self._engine
         if engine is not None:
@@ -351,6 +387,8 @@ class Transformer:
                 result.sealed,
                 result.sanitised,
                 OutRecord,
+                leaf_tag,
+                leaves,
             )
             # The records the engine declined (unusual or failing ones) take the path below.
             pending = [(i, values[i]) for i in declined]
@@ -454,7 +492,8 @@ class Transformer:
                 # the billing part of every output is the exact bytes its digest covers.
                 doc = dumps(rec, option=OPT_SORT_KEYS)
                 if integrity:
-                    hexd = sha256(doc).hexdigest()
+                    digest = sha256(doc)
+                    hexd = digest.hexdigest()
                     tail = digest_key + hexd.encode() + b'"}'
                 else:
                     hexd = None
@@ -465,6 +504,9 @@ class Transformer:
                     self._stripped(
                         body, tail, plan, ivalues, ctx, hexd, index, key, event_ms, result
                     )
+                    if leaf_tag is not None:
+                        self._leaf(result, month, digest.digest(), leaf_key)
+                        leaf_months.add(month)
                     continue
                 head = ctx.head
                 caches = ctx.caches
@@ -485,6 +527,10 @@ class Transformer:
                 sealed = join((body, head, _SEALED, blob, b'"}'))
                 add_sealed(_new(OutRecord, (index, month, key, event_ms, sealed, None)))
                 add_sanitised(_new(OutRecord, (index, month, key, event_ms, join(parts), hexd)))
+                if leaf_tag is not None:
+                    # After every check: a leaf index is taken only by a record written.
+                    self._leaf(result, month, digest.digest(), leaf_key)
+                    leaf_months.add(month)
             except RecordError as err:
                 rejected.append(Rejected(index, err.reason, err.field, str(err), bytes(raw)))
         if engine is not None and pending and result.sanitised:
@@ -492,10 +538,27 @@ class Transformer:
             # leaves follow it).
             result.sealed.sort(key=_SOURCE)
             result.sanitised.sort(key=_SOURCE)
+            if leaf_months:
+                # The engine numbered its leaves first: renumber in input order, as the
+                # Python path alone does (outputs do not depend on which path wrote them).
+                _renumber_leaves(result, leaf_months)
         for ctx in ctxs.values():
             if ctx.kid is not None:
                 result.months.add(ctx.kid)
         return result
+
+    @staticmethod
+    def _leaf(result: BatchResult, month: str, digest: bytes, leaf_key: bytes) -> None:
+        """Give the last sanitised record its leaf in its month's tree (as the native path
+        does: service/_native.c): ``,"integrity_leaf":"<tag>/<i>"`` before its closing
+        brace, its leaf hash appended to ``result.leaves[month]``."""
+        buf = result.leaves.get(month)
+        if buf is None:
+            buf = result.leaves[month] = bytearray()
+        rec = result.sanitised[-1]
+        value = rec.value[:-2] + leaf_key + b"%d" % (len(buf) // 32) + b'"}'
+        result.sanitised[-1] = rec._replace(value=value)
+        buf += leaf_hash(digest)
 
     def _native_ctx(
         self, ctxs: dict[tuple[str, str], _MonthCtx], now_ms: int

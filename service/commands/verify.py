@@ -25,8 +25,7 @@ from service.commands.common import add_policy_flag, policy_from
 from service.commands.run import add_config_flag
 from service.config import load_settings
 from service.errors import ConfigError
-from service.integrity import added_fields, canonical
-from service.kafka.audit_txn import LEAF_HEADER, parse_leaf
+from service.integrity import added_fields, canonical, leaf_of
 from service.verify import (
     Finding,
     Report,
@@ -133,8 +132,8 @@ def _topic_records(conf: dict[str, str], topic: str, timeout_s: float = 60.0) ->
                 p, off = m.partition(), m.offset()
                 if m.error() is not None or p is None or off is None:
                     continue
-                tag = dict(m.headers() or []).get(LEAF_HEADER)
-                out.append((str(p), off, m.value() or b"", parse_leaf(tag)))
+                value = m.value() or b""
+                out.append((str(p), off, value, leaf_of(value)))
             for tp in c.position([TopicPartition(topic, p) for p in list(ends)]):
                 # read_committed stops at the last stable offset; transaction markers leave
                 # gaps, so wait on the position, not on a count.

@@ -64,17 +64,4 @@ class TxnAuditChain:
         self._pending = self._committed
 
 
-def parse_leaf(header: bytes | str | None) -> tuple[str, int] | None:
-    """``b"<batch>/<index>"`` -> (batch, index), or None if malformed."""
-    if header is None:
-        return None
-    text = header.decode("ascii", "replace") if isinstance(header, bytes) else header
-    batch, sep, index = text.rpartition("/")
-    if not sep or not batch or not index.isdigit():
-        return None
-    return batch, int(index)
-
-
-LEAF_HEADER = "cdranon-leaf"
-
-__all__ = ["LEAF_HEADER", "TxnAuditChain", "find_head", "parse_leaf"]
+__all__ = ["TxnAuditChain", "find_head"]

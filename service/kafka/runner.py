@@ -67,7 +67,7 @@ from service.errors import (
     KafkaFatalError,
     KeystoreUnavailableError,
 )
-from service.kafka.audit_txn import LEAF_HEADER, TxnAuditChain, find_head
+from service.kafka.audit_txn import TxnAuditChain, find_head
 from service.kafka.clients import (
     admin_config,
     consumer_config,
@@ -78,7 +78,7 @@ from service.kafka.clients import (
 )
 from service.kafka.topics import TopicNames, topic_manager
 from service.logs import log_event
-from service.merkle import root_of_hex_digests
+from service.merkle import root_of_leaf_buffer
 from service.metrics import Metrics
 from service.months import now_utc, to_ms
 from service.outputs import BatchResult, OutRecord
@@ -487,11 +487,18 @@ class Runner:
         started = time.perf_counter()
         result: BatchResult | None = None
         delay = self._s.retry.backoff_initial_s
+        # The batch's id in its records' leaves ("<batch id>/<index>", written by the
+        # transform) and in its signed roots: a new one per attempt, since an aborted
+        # attempt's records stay in the log (aborted, but with its tags).
+        leaf_tag = None
+        if self._chain is not None:
+            leaf_tag = f"{self._leaf_prefix}n{self._batch_seq}".encode()
+            self._batch_seq += 1
         while result is None:
             values = [m.value() or b"" for m in batch]
             t0 = time.perf_counter()
             try:
-                result = self._t.transform(values, self._clock_ms())
+                result = self._t.transform(values, self._clock_ms(), leaf_tag)
             except KeystoreUnavailableError as exc:
                 log_event(
                     _LOG,
@@ -673,12 +680,9 @@ class Runner:
 
     def _produce_all(self, batch: Sequence[Message], result: BatchResult) -> None:
         n = self._produce_month(result.sealed, self._sealed_topic, self.names.sealed, 0)
+        n = self._produce_month(result.sanitised, self._sanitised_topic, self.names.sanitised, n)
         if self._chain is not None:
-            n = self._produce_sanitised_with_leaves(result, n)
-        else:
-            n = self._produce_month(
-                result.sanitised, self._sanitised_topic, self.names.sanitised, n
-            )
+            self._produce_roots(result)
         if result.rejected:
             now_ms = self._clock_ms()
             for rej in result.rejected:
@@ -747,50 +751,29 @@ class Runner:
                 poll(0)
         return n
 
-    def _produce_sanitised_with_leaves(self, result: BatchResult, n: int) -> int:
-        """Sanitised records tagged with their leaf (batch id / index), then one signed
-        integrity.root per month topic into the audit topic: same transaction."""
+    def _produce_roots(self, result: BatchResult) -> None:
+        """One signed integrity.root per month topic into the audit topic, in the batch's
+        transaction: the tree over the leaves the transform tagged its records with."""
         chain = self._chain
         assert chain is not None
-        produce = self._producer.produce
-        poll = self._producer.poll
-        batch_id = f"{self._leaf_prefix}n{self._batch_seq}"
-        batch_tag = batch_id.encode()
-        self._batch_seq += 1
-        # Per month topic, the records' digests in leaf order; hashed into leaves and the
-        # root after the loop, in one native call (Python calls per record here were ~2%
-        # of the processor, the Python tree ~3 us a record).
-        leaves: dict[str, list[str]] = {}
-        for rec in result.sanitised:
-            topic = self._sanitised_topic.get(rec.month)
+        if result.leaf_tag is None:
+            if result.sanitised:
+                raise AssertionError("sanitised records without leaves, integrity on")
+            return
+        batch_id = result.leaf_tag.decode()
+        for month, leaves in result.leaves.items():
+            topic = self._sanitised_topic.get(month)
             if topic is None:
-                topic = self._sanitised_topic[rec.month] = self.names.sanitised(rec.month)
-            digests = leaves.get(topic)
-            if digests is None:
-                digests = leaves[topic] = []
-            headers: list[tuple[str, str | bytes | None]] = [
-                (LEAF_HEADER, b"%s/%d" % (batch_tag, len(digests)))
-            ]
-            digests.append(rec.digest or "")
-            try:
-                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms, headers=headers)
-            except BufferError:
-                self._wait_queue()
-                produce(topic, rec.value, rec.key, timestamp=rec.timestamp_ms, headers=headers)
-            n += 1
-            if n % _POLL_EVERY == 0:
-                poll(0)
-        for topic, digests in leaves.items():
+                topic = self._sanitised_topic[month] = self.names.sanitised(month)
             raw = chain.event(
                 "integrity.root",
                 actor="processor",
                 stream=topic,
                 batch=batch_id,
-                size=len(digests),
-                root=root_of_hex_digests(digests).hex(),
+                size=len(leaves) // 32,
+                root=root_of_leaf_buffer(leaves).hex(),
             )
             self._produce_one(self.audit_topic, raw)
-        return n
 
     def _wait_queue(self) -> None:
         """The producer queue is full: serve delivery reports until there is room."""

@@ -14,6 +14,7 @@ from confluent_kafka.admin import AdminClient
 
 from service.audit import generate_signing_key
 from service.generator import generate_cdrs
+from service.integrity import LEAF_FIELD
 from service.kafka.topics import TopicNames
 from service.keystore import generate_master_key
 from service.months import now_utc
@@ -129,8 +130,10 @@ def test_stream_roots_prove_records_and_catch_tampering(
     doc = orjson.loads(one.value)
     doc["price"] = 123.0
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    producer.produce(topic, orjson.dumps(doc), headers=list(one.headers))
-    producer.produce(topic, one.value)
+    producer.produce(topic, orjson.dumps(doc))
+    untagged = orjson.loads(one.value)
+    del untagged[LEAF_FIELD]
+    producer.produce(topic, orjson.dumps(untagged))
     assert producer.flush(30) == 0
     bad = _verify(kafka_bootstrap, topic, env, "--json")
     assert bad.returncode == 1, bad.stdout

@@ -15,7 +15,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 # confluent_kafka.admin re-exports OffsetSpec without declaring it.
-from service.kafka.audit_txn import LEAF_HEADER
+from service.integrity import LEAF_FIELD
 from service.kafka.topics import TopicNames
 from tests.integration.kafka_helpers import Record, _headers, unique_name
 from tests.integration.run_support import Outputs, Sent, lso_and_high
@@ -129,9 +129,9 @@ def explain_duplicates(sent: Sent, out: Outputs, limit: int = 12) -> str:
     copies: dict[tuple[int, int], list[str]] = {}
     pos_of = _positions(sent)
     for r in out.sanitised:
-        leaf = dict(r.headers).get(LEAF_HEADER) or b"-"
-        where = f"{r.topic}[{r.partition}]@{r.offset} leaf={leaf.decode(errors='replace')}"
-        copies.setdefault(pos_of[orjson.loads(r.value or b"{}")["cdr_id"]], []).append(where)
+        doc = orjson.loads(r.value or b"{}")
+        where = f"{r.topic}[{r.partition}]@{r.offset} leaf={doc.get(LEAF_FIELD, '-')}"
+        copies.setdefault(pos_of[doc["cdr_id"]], []).append(where)
     for r in out.rejected:
         h = dict(r.headers)
         pos = (int(h["source_partition"] or b"-1"), int(h["source_offset"] or b"-1"))

@@ -5,8 +5,8 @@ every bit flip of every byte, every drop, swap, replay and forgery, truncation w
 and the Merkle proofs (tests/unit/test_merkle.py, tests/unit/test_verify.py over file
 positions). This goes further on the stream itself: a processor writes sanitised records
 tagged with their leaf and signed ``integrity.root`` events in its transactions; then
-every single-bit flip (all 8 bits of every byte of the covered records and their leaf
-headers), every deletion, insertion (a copy at a new offset, a forged record), reordering
+every single-bit flip (all 8 bits of every byte of the covered records, their leaf tags
+included), every deletion, insertion (a copy at a new offset, a forged record), reordering
 (values swapped between leaves) and truncation is tried against ``verify_batches``, and the
 same five against the audit topic's chain with ``audit.verify`` and the anchors of an
 earlier verification. Detected: 100%. A flip that leaves the billing fields, the digest
@@ -22,8 +22,7 @@ from confluent_kafka.admin import AdminClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from service.audit import ChainHead, generate_signing_key, parse_signing_key_text, verify
-from service.integrity import DIGEST_FIELD, added_fields, billing_part
-from service.kafka.audit_txn import LEAF_HEADER, parse_leaf
+from service.integrity import DIGEST_FIELD, LEAF_FIELD, added_fields, billing_part, leaf_of
 from service.kafka.topics import TopicNames
 from service.keystore import generate_master_key
 from service.policy import load_policy
@@ -95,8 +94,7 @@ def written(
     topic = names.sanitised(month)
     recs = consume_until(kafka_bootstrap, [topic], count=n, to_end=True)
     tagged: list[TaggedRecord] = [
-        (str(r.partition), r.offset, r.value or b"", parse_leaf(dict(r.headers).get(LEAF_HEADER)))
-        for r in recs
+        (str(r.partition), r.offset, r.value or b"", leaf_of(r.value or b"")) for r in recs
     ]
     events = [r.value or b"" for r in consume_until(kafka_bootstrap, [names.audit], to_end=True)]
     roots = [
@@ -108,6 +106,17 @@ def written(
     public = parse_signing_key_text(key_text, source="test").public_key
     pem = public.public_bytes_raw().hex()
     return tagged, roots, events, topic, pem
+
+
+def _at(part: str, off: int, value: bytes) -> TaggedRecord:
+    """A record as `cdranon verify --topic` reads it: its leaf from its own bytes."""
+    return (part, off, value, leaf_of(value))
+
+
+def _retagged(value: bytes, leaf: tuple[str, int]) -> bytes:
+    doc = orjson.loads(value)
+    doc[LEAF_FIELD] = f"{leaf[0]}/{leaf[1]}"
+    return orjson.dumps(doc)
 
 
 def _ok(topic: str, records: list[TaggedRecord], roots: list[RootEvent]) -> bool:
@@ -148,32 +157,24 @@ def test_every_bit_flip_of_records_and_leaf_tags_is_detected(
     undetected: list[tuple[int, int, int]] = []
     for k in picks:
         part, off, value, leaf = records[k]
+        assert leaf is not None
         before = _covered(value, leaf)
+        tag_flips = 0
         for i in range(len(value)):
             for bit in range(8):
-                b = bytearray(value)
-                b[i] ^= 1 << bit
-                mutated = [*records[:k], (part, off, bytes(b), leaf), *records[k + 1 :]]
+                b = bytes(value[:i]) + bytes([value[i] ^ (1 << bit)]) + value[i + 1 :]
+                # The leaf tag is the record's last field: the verifier reads it from the
+                # flipped bytes, as `cdranon verify --topic` does.
+                new_leaf = leaf_of(b)
+                tag_flips += new_leaf != leaf
+                mutated = [*records[:k], (part, off, b, new_leaf), *records[k + 1 :]]
                 tried += 1
-                if _covered(bytes(b), leaf) == before:
+                if _covered(b, new_leaf) == before:
                     outside += 1
                     continue
                 if _ok(topic, mutated, roots):
                     undetected.append((k, i, bit))
-        # The leaf tag travels in a header: flip its bytes too.
-        assert leaf is not None
-        tag = f"{leaf[0]}/{leaf[1]}".encode()
-        for i in range(len(tag)):
-            for bit in range(8):
-                t = bytearray(tag)
-                t[i] ^= 1 << bit
-                new_leaf = parse_leaf(bytes(t))
-                if new_leaf == leaf:
-                    continue
-                tried += 1
-                mutated = [*records[:k], (part, off, value, new_leaf), *records[k + 1 :]]
-                if _ok(topic, mutated, roots):
-                    undetected.append((k, -1 - i, bit))
+        assert tag_flips >= 8 * len(f"{leaf[0]}/{leaf[1]}") // 2, tag_flips
     assert undetected == [], undetected[:10]
     print(f"record flips: {tried} tried, {outside} outside the proof, 0 undetected")
     assert tried > 1000
@@ -191,16 +192,22 @@ def test_every_deletion_insertion_reordering_and_truncation_is_detected(
     for k in range(n):
         part, _, value, leaf = records[k]
         cases["insert"].append([*records, (part, end + k, value, leaf)])  # a replayed copy
-        cases["insert"].append([*records, (part, end + k, value, None)])  # untagged copy
+        untagged = orjson.loads(value)
+        del untagged[LEAF_FIELD]
+        cases["insert"].append([*records, _at(part, end + k, orjson.dumps(untagged))])
         doc = orjson.loads(value)
         doc["cdr_id"] = f"forged-{k}"
-        cases["insert"].append([*records, (part, end + k, orjson.dumps(doc), leaf)])
+        cases["insert"].append([*records, _at(part, end + k, orjson.dumps(doc))])
     for a in range(n):
         for b in range(a + 1, n):
+            # The records trade places in their trees: each one's tag names the other's leaf.
             pa, oa, va, la = records[a]
             pb, ob, vb, lb = records[b]
+            assert la is not None
+            assert lb is not None
             swapped = list(records)
-            swapped[a], swapped[b] = (pa, oa, vb, la), (pb, ob, va, lb)
+            swapped[a] = _at(pa, oa, _retagged(va, lb))
+            swapped[b] = _at(pb, ob, _retagged(vb, la))
             cases["reorder"].append(swapped)
     cases["truncate"] = [records[:k] for k in range(n)]
     undetected = {kind: sum(_ok(topic, m, roots) for m in ms) for kind, ms in cases.items()}

@@ -20,6 +20,7 @@ from service.merkle import (
     root,
     root_from_leaf_hashes,
     root_of_hex_digests,
+    root_of_leaf_buffer,
     verify_inclusion,
 )
 from service.native import native_merkle
@@ -156,6 +157,26 @@ def test_native_root_equals_the_python_reference(n: int) -> None:
     assert root_from_leaf_hashes(hashes) == want
     assert root_of_hex_digests(digests) == want
     assert root_of_hex_digests([d.upper() for d in digests]) == want
+    # The transform's per-month buffer: the same leaves end to end, native and Python.
+    assert root_of_leaf_buffer(bytearray(b"".join(hashes))) == want
+    assert root_of_leaf_buffer(b"".join(hashes)) == want
+
+
+def test_leaf_buffer_python_path_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    hashes = leaf_hashes(b"%d" % i for i in range(37))
+    want = python_root_from_leaf_hashes(hashes)
+    monkeypatch.setenv("CDRANON_NATIVE", "0")
+    assert native_merkle() is None
+    assert root_of_leaf_buffer(bytearray(b"".join(hashes))) == want
+    monkeypatch.setenv("CDRANON_NATIVE", "1")
+    native = native_merkle()
+    assert native is not None
+    for bad in (b"", b"\x00" * 33, bytearray(b"\x01" * 63)):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            root_of_leaf_buffer(bad)
+        if bad:
+            with pytest.raises(ValueError, match="multiple of 32"):
+                native[0](bad)
 
 
 @settings(max_examples=50, deadline=None)

@@ -32,10 +32,12 @@ from hypothesis import strategies as st
 
 from service import native as native_module
 from service.identifiers import luhn_ok
+from service.integrity import leaf_of
 from service.keyring import Keyring
 from service.keystore.base import key_id
 from service.keystore.file import FileKeystore
 from service.keystore.master import MasterKey
+from service.merkle import leaf_hash
 from service.outputs import BatchResult
 from service.policy import Policy, load_policy
 from service.sealing import Unsealer, blob_key_id
@@ -120,10 +122,31 @@ def _increasing(xs: list[int]) -> bool:
     return all(a < b for a, b in itertools.pairwise(xs))
 
 
+def _check_leaves(r: BatchResult, tag: bytes) -> None:
+    """Per month, the records' integrity_leaf indexes are 0..n-1 and each names the leaf
+    hash of its own digest in ``r.leaves``."""
+    by_month: dict[str, list[tuple[int, str]]] = {}
+    for o in r.sanitised:
+        leaf = leaf_of(o.value)
+        assert leaf is not None, o.value
+        assert leaf[0] == tag.decode()
+        assert o.digest is not None
+        by_month.setdefault(o.month, []).append((leaf[1], o.digest))
+    assert set(r.leaves) == set(by_month)
+    for month, pairs in by_month.items():
+        buf = r.leaves[month]
+        assert sorted(i for i, _ in pairs) == list(range(len(pairs)))
+        assert len(buf) == 32 * len(pairs)
+        for i, digest in pairs:
+            assert buf[32 * i : 32 * i + 32] == leaf_hash(bytes.fromhex(digest))
+
+
 def _compare(p: _Pair, values: Sequence[bytes], now: int) -> tuple[BatchResult, BatchResult]:
-    """Transform ``values`` on both paths at ``now``; assert the outcomes are the same."""
-    a = p.py.transform(values, now)
-    b = p.nat.transform(values, now)
+    """Transform ``values`` on both paths at ``now``; assert the outcomes are the same.
+    With integrity on, as ``cdranon run`` does: with a leaf tag (the same leaves too)."""
+    tag = b"b0a1b2c3d4e5fn7" if p.py.integrity else None
+    a = p.py.transform(values, now, tag)
+    b = p.nat.transform(values, now, tag)
 
     assert _rejected(b) == _rejected(a)
     assert b.stripped == a.stripped
@@ -131,6 +154,9 @@ def _compare(p: _Pair, values: Sequence[bytes], now: int) -> tuple[BatchResult, 
     assert b.months == a.months
     # Sanitised records: every field, the value's bytes and the digest included.
     assert b.sanitised == a.sanitised
+    assert b.leaves == a.leaves
+    if tag is not None:
+        _check_leaves(b, tag)
 
     for r in (a, b):
         assert _increasing([o.source for o in r.sanitised])
