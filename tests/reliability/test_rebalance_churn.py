@@ -1,8 +1,9 @@
 """Scenario 3: rebalance churn. One processor, then three, then one again during a run;
-one of the three is SIGKILLed right after a committed batch (mid-way through the next),
-another leaves with SIGTERM. A live read_committed reader and a final reader see every
-input exactly once (so nothing fetched under an old generation was produced after its
-partitions moved: it would be there twice), per-partition order preserved.
+one of the three is SIGKILLed right after a committed batch (mid-way through the next, with
+more of its own input waiting), another leaves with SIGTERM. A live read_committed reader
+and a final reader see every input exactly once (so nothing fetched under an old
+generation was produced after its partitions moved: it would be there twice),
+per-partition order preserved.
 
 (tests/integration/test_run_group.py is the plain two-processor, one-stopped version.)
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,6 @@ from tests.integration.run_support import (
     check_invariants,
     committed_total,
     join_sent,
-    produce_input,
     read_outputs,
     recent_months,
     wait_all_committed,
@@ -38,7 +40,39 @@ from tests.reliability.streams import (
     order_violations,
     split_outputs,
 )
-from tests.reliability.support import Scale, wait_until
+from tests.reliability.support import (
+    Scale,
+    group_progress,
+    owned_partitions,
+    produce_spread,
+    wait_until,
+)
+
+PARTITIONS = 6
+MAX_RECORDS = 200  # per batch
+
+
+def full_batch_committed(
+    p: Processor, after: int, mine: set[int], progress: Callable[[], object], timeout_s: float
+) -> None:
+    """Wait until ``p`` commits a full batch (``MAX_RECORDS``: the batch closed at the count,
+    so input was waiting) after its ``after``-th commit; AssertionError with its story, its
+    partitions and ``progress()`` (their committed offsets and ends) at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    k = after + 1
+    try:
+        while (
+            p.wait_for("batch_committed", k, max(0.0, deadline - time.monotonic()))["records"]
+            != MAX_RECORDS
+        ):
+            k += 1
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\n{p.name} owns {sorted(mine)} (log: {sorted(owned_partitions(p))}), "
+            f"committed {p.count('batch_committed') - after} batches since the chunk, "
+            f"alive={p.proc.poll() is None}, (committed, end) by partition: {progress()}"
+            f"\n{p.story()}\nlast lines: {p.raw[-20:]}"
+        ) from None
 
 
 @pytest.mark.slow
@@ -51,9 +85,11 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
     prefix = f"churn-{unique_id}"
     group = f"g-{unique_id}"
     names = TopicNames(prefix)
-    create_topics(admin, [names.raw], partitions=6)
+    create_topics(admin, [names.raw], partitions=PARTITIONS)
     # Input arrives in chunks while the group changes, so every member has work whatever
-    # the processing speed: a chunk before each scale-up and before each kill.
+    # the processing speed: a chunk before each scale-up and before each kill, spread evenly
+    # over the partitions (keyless input through the sticky partitioner put 9,995 of a chunk
+    # in one partition: the victim's two got 1 record, which it committed at once).
     chunks = 1 + 2 * rounds
     trickle_size, trickles = 200, 200  # at most: the trickle stops once members commit
     pool = list(
@@ -65,11 +101,13 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
             now=now_utc(),
         )
     )
-    sent = produce_input(kafka_bootstrap, names.raw, pool[:n])
+    sent = produce_spread(kafka_bootstrap, names.raw, pool[:n], PARTITIONS)
 
     def feed(size: int = n) -> None:
         nonlocal sent
-        more = produce_input(kafka_bootstrap, names.raw, pool[len(sent.values) :][:size])
+        more = produce_spread(
+            kafka_bootstrap, names.raw, pool[len(sent.values) :][:size], PARTITIONS
+        )
         sent = join_sent(sent, more)
 
     def trickle() -> None:
@@ -85,7 +123,7 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
         prefix=prefix,
         group=group,
         keystore=keys,
-        max_records=200,
+        max_records=MAX_RECORDS,
     )
     live = LiveReader(kafka_bootstrap, prefix)
     procs: list[Processor] = []
@@ -111,19 +149,44 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
                 time.sleep(0.5)  # pacing of the trickle, not a wait for an outcome
             steps.append(f"3 members@{committed_total(kafka_bootstrap, group, names.raw)[0]}")
             victim, leaver = extra
+            mine = owned_partitions(victim)
+            assert mine, victim.summary()
+            # Kill the victim right after it committed a full batch of this chunk: it then
+            # has more input of its own and is in the next batch. Counted from before the
+            # chunk: the victim reads its share while the chunk is still being written.
+            before = victim.count("batch_committed")
             feed()
-            victim.wait_for("batch_committed", victim.count("batch_committed") + 1, timeout_s=60)
+            full_batch_committed(
+                victim,
+                before,
+                mine,
+                partial(group_progress, kafka_bootstrap, group, names.raw, mine),
+                timeout_s=60,
+            )
             time.sleep(rng.uniform(0.0, 0.05))  # inside the next batch
             victim.kill9()
+            # Its partitions are not reassigned before its session times out (6 s): what is
+            # committed on them now is where the victim stopped.
+            left = {
+                part: high - done
+                for part, (done, high) in group_progress(
+                    kafka_bootstrap, group, names.raw, mine
+                ).items()
+            }
+            assert sum(left.values()) > 0, (
+                f"round {r}: the victim had no input left on {sorted(mine)} when killed, "
+                f"so it was not mid-batch; make the chunk longer"
+            )
             assert leaver.terminate() == 0, leaver.raw[-5:]
-            done, high = committed_total(kafka_bootstrap, group, names.raw)
-            assert done < high, f"stream ended during round {r}; make it longer"
-            steps.append(f"1 member@{done}")
+            done, _ = committed_total(kafka_bootstrap, group, names.raw)
+            steps.append(f"1 member@{done} (victim left {left})")
 
             def first_owns_all() -> bool:
-                return first.owned() == 6
+                return first.owned() == PARTITIONS
 
-            wait_until("the first processor owns all 6 partitions again", first_owns_all, 60)
+            wait_until(
+                f"the first processor owns all {PARTITIONS} partitions again", first_owns_all, 60
+            )
         wait_all_committed(kafka_bootstrap, group, names.raw, timeout_s=240)
         assert first.terminate() == 0, first.raw[-5:]
         total_in = len(sent.values)
