@@ -40,6 +40,7 @@ from service.merkle import (
     leaf_hashes,
     root_from_leaf_hashes,
     root_of_hex_digests,
+    verify_inclusion,
 )
 from service.native import native_digests
 
@@ -489,6 +490,7 @@ def proof_for(
         k = hits[j]
         i = k - lo
         digests = [_leaf(v, added)[0] or _NO_DIGEST for v in values[lo:hi]]
+        _provable(cdr_id, values[k], added, digests, i, ev, f"the range of {ev.first}-{ev.last}")
         return {
             "cdr_id": cdr_id,
             "stream": stream,
@@ -503,6 +505,37 @@ def proof_for(
             "audit_event": {"writer": ev.writer, "seq": ev.seq},
         }
     return None
+
+
+class NoProofError(Exception):
+    """The record is found in a signed range, but no proof of it would check out (the
+    message says why); ``cdranon verify`` without ``--record`` reports the details."""
+
+
+def _provable(
+    cdr_id: str,
+    value: bytes,
+    added: frozenset[str],
+    digests: Sequence[bytes],
+    index: int,
+    ev: RootEvent,
+    where: str,
+) -> None:
+    """NoProofError unless the record is self-consistent and its audit path leads to the
+    signed root: a proof is never printed that a third party's check would refuse, or one
+    for a record verify calls altered (a repeated key: the digest covers the last copy,
+    other readers see the first)."""
+    if not _leaf(value, added)[2]:
+        raise NoProofError(
+            f"record {cdr_id} is altered (its billing fields do not match its "
+            "billing_digest, or it repeats a key): no proof"
+        )
+    proof = inclusion_proof(index, digests)
+    if not verify_inclusion(digests[index], index, len(digests), proof, bytes.fromhex(ev.root)):
+        raise NoProofError(
+            f"{where}, which holds record {cdr_id}, no longer hashes to its signed root "
+            "(records of it altered, missing, extra or reordered): no proof"
+        )
 
 
 def _cdr_id_of(value: bytes) -> str | None:
@@ -561,6 +594,7 @@ def proof_for_batch(
         if sorted(members) != list(range(ev.size)):
             return None
         digests = [_leaf(members[i], added)[0] or _NO_DIGEST for i in range(ev.size)]
+        _provable(cdr_id, value, added, digests, index, ev, f"batch {batch}")
         doc = orjson.loads(value)
         return {
             "cdr_id": cdr_id,

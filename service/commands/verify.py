@@ -28,6 +28,7 @@ from service.errors import ConfigError
 from service.integrity import added_fields, canonical, leaf_of
 from service.verify import (
     Finding,
+    NoProofError,
     Report,
     RootEvent,
     TaggedRecord,
@@ -186,7 +187,11 @@ def _run_topic(args: argparse.Namespace, settings: Any, added: frozenset[str]) -
     tagged = _topic_records(conf, args.topic)
     roots = _roots(events, {args.topic}).get(args.topic, [])
     if args.record is not None:
-        proof = proof_for_batch(args.record, args.topic, tagged, roots, added)
+        try:
+            proof = proof_for_batch(args.record, args.topic, tagged, roots, added)
+        except NoProofError as exc:
+            print(f"cdranon: {exc}; `cdranon verify` without --record says more", file=sys.stderr)
+            return 1
         return _emit_proof(proof, args.record, events)
     reports = {args.topic: verify_batches(args.topic, tagged, roots, added)}
     _add_checkpoint_findings(reports, events)
@@ -260,7 +265,11 @@ def _print_proof(
     events: list[bytes],
 ) -> int:
     for s, recs in streams.items():
-        proof = proof_for(cdr_id, s, recs, roots.get(s, []), added)
+        try:
+            proof = proof_for(cdr_id, s, recs, roots.get(s, []), added)
+        except NoProofError as exc:
+            print(f"cdranon: {exc}; `cdranon verify` without --record says more", file=sys.stderr)
+            return 1
         if proof is not None:
             return _emit_proof(proof, cdr_id, events)
     return _emit_proof(None, cdr_id, events)

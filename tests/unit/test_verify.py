@@ -15,6 +15,7 @@ from service.merkle import verify_inclusion
 from service.native import native_digests
 from service.policy import load_policy
 from service.verify import (
+    NoProofError,
     RootEvent,
     TaggedRecord,
     _Columns,
@@ -346,3 +347,31 @@ def test_native_digest_pass_equals_the_python_one(tmp_path: Path) -> None:
         offsets.append(offsets[-1] + len(v))
     views = [memoryview(blob)[a:b] for a, b in itertools.pairwise(offsets)]
     assert _columns_both_ways(views, added) == (python, python)  # type: ignore[arg-type]
+
+
+def test_no_proof_for_an_altered_record_or_a_range_that_no_longer_proves_out(
+    stream: tuple[list[tuple[int, bytes]], list[RootEvent]],
+) -> None:
+    records, roots = stream
+    pos, value = records[12]
+    # The record itself altered: its price, its stated digest kept.
+    doc = orjson.loads(value)
+    doc["price"] = 99.0
+    altered = [*records[:12], (pos, orjson.dumps(doc)), *records[13:]]
+    with pytest.raises(NoProofError, match="record c12 is altered"):
+        proof_for("c12", "s", altered, roots, ADDED)
+    # A repeated key: the digest matches the last copy, another reader sees the first.
+    repeated = value.replace(b'"cdr_id":"c12"', b'"cdr_id":"c13","cdr_id":"c12"', 1)
+    assert orjson.loads(repeated) == orjson.loads(value)
+    with pytest.raises(NoProofError, match="altered"):
+        proof_for("c12", "s", [*records[:12], (pos, repeated), *records[13:]], roots, ADDED)
+    # A neighbour in the same range altered together with its digest: the record is
+    # intact, but the path no longer leads to the signed root.
+    npos, nvalue = records[13]
+    ndoc = orjson.loads(nvalue)
+    ndoc["price"] = 42.0
+    ndoc[DIGEST_FIELD] = digest(billing_part(ndoc, ADDED))
+    replaced = [*records[:13], (npos, orjson.dumps(ndoc)), *records[14:]]
+    with pytest.raises(NoProofError, match="no longer hashes to its signed root"):
+        proof_for("c12", "s", replaced, roots, ADDED)
+    assert proof_for("c12", "s", records, roots, ADDED) is not None

@@ -96,3 +96,20 @@ def test_third_party_proof_checks_out(
     )
     assert bad.returncode == 1
     assert "FAILED check 1" in bad.stdout
+
+
+def test_no_proof_is_printed_for_an_altered_record(
+    out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    month = out / "sanitised/2026-10.jsonl"
+    lines = month.read_bytes().splitlines()
+    k = next(i for i, line in enumerate(lines) if orjson.loads(line)["cdr_id"] == "c17")
+    doc = orjson.loads(lines[k])
+    doc["price"] = 5.0
+    lines[k] = orjson.dumps(doc)
+    month.write_bytes(b"\n".join(lines) + b"\n")
+    capsys.readouterr()
+    assert main(["verify", "--file", str(month), "--record", "c17"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "record c17 is altered" in captured.err
