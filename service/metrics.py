@@ -205,18 +205,47 @@ class Metrics:
             self._lag_partitions = seen
 
 
+# librdkafka fetch states of a partition this consumer does not fetch: not assigned to it,
+# or revoked. Its offsets in the statistics are the last ones it saw.
+_NOT_FETCHING = frozenset({"none", "stopping", "stopped"})
+
+
+def _offset(p: dict[str, object], key: str) -> int | None:
+    """An offset of a partition's statistics; None when unknown (-1001) or absent."""
+    v = p.get(key)
+    return v if isinstance(v, int) and v >= 0 else None
+
+
 def _lag(p: dict[str, object]) -> int | None:
-    """Records between the consumer's position and the last stable offset.
+    """Records between the consumer's position and the last stable offset; None when
+    unknown, or when this consumer does not fetch the partition (not assigned, revoked:
+    its offsets, committed_offset among them, are stale, and a revoked partition's series
+    would come back after the rebalance callback removed it).
 
     librdkafka's own ``consumer_lag`` is measured from the *committed* offset, which a
     transactional processor never commits through the consumer (offsets travel in the
     producer's transaction), so it stays -1; the position (``app_offset``) is what moves.
+
+    ``app_offset`` (the last record handed to the application + 1) is unknown from an
+    assignment or a seek until the partition's next record reaches the application: an
+    empty partition, or one rewound to its end, would have no series though nothing is
+    left to read, and the consumer's ``committed_offset`` is the one read at assignment
+    (never updated by transactional commits): stale after a rewind. So while nothing
+    fetched waits for the application (``fetchq_cnt`` 0: the consumer's queue, shared by
+    its partitions, is empty), the position is the fetch position ``next_offset``: every
+    record before it was handed over, or skipped (transaction markers, aborted records).
     """
-    end = p.get("ls_offset")
-    pos = p.get("app_offset")
-    if not isinstance(pos, int) or pos < 0:
-        pos = p.get("committed_offset")
-    if isinstance(end, int) and isinstance(pos, int) and end >= 0 and pos >= 0:
+    state = p.get("fetch_state")
+    if state in _NOT_FETCHING:
+        return None
+    end = _offset(p, "ls_offset")
+    pos = _offset(p, "app_offset")
+    fetch_pos = _offset(p, "next_offset")
+    if fetch_pos is not None and state == "active" and p.get("fetchq_cnt") == 0:
+        pos = fetch_pos if pos is None else max(pos, fetch_pos)
+    if pos is None:
+        pos = _offset(p, "committed_offset")
+    if end is not None and pos is not None:
         return max(0, end - pos)
     lag = p.get("consumer_lag")
     return lag if isinstance(lag, int) and lag >= 0 else None

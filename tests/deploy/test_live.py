@@ -349,14 +349,20 @@ def test_prometheus_scrapes_the_key_series_with_sane_values(
     assert committed > 0
     assert (api.value(f"cdranon_end_to_end_latency_seconds_count{p}") or 0) > 0
 
-    # Lag: one series per input partition (this processor owns all 3), never negative,
-    # and 0 once everything is committed.
+    # Lag: one series per input partition (this processor owns all 3, even one the
+    # sticky partitioner left empty), never negative, and 0 once everything is committed.
+    seen: dict[str, float] = {}
+
     def lag_settled() -> list[dict[str, Any]] | None:
         series = api.query(f"cdranon_consumer_lag{p}")
-        values = [float(s["value"][1]) for s in series]
-        return series if len(series) == 3 and all(v == 0 for v in values) else None
+        seen.clear()
+        seen.update({s["metric"]["partition"]: float(s["value"][1]) for s in series})
+        return series if len(series) == 3 and all(v == 0 for v in seen.values()) else None
 
-    lag = wait_until(lag_settled, "lag series of 3 partitions at 0", timeout_s=30)
+    try:
+        lag = wait_until(lag_settled, "lag series of 3 partitions at 0", timeout_s=30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen by partition: {seen}") from None
     assert sorted(s["metric"]["partition"] for s in lag) == ["0", "1", "2"]
 
     # A rate over the second load is visible (the dashboard's "Records in" panel).

@@ -126,6 +126,102 @@ def test_lag_from_position_when_offsets_travel_in_transactions() -> None:
     assert sample(m, "cdranon_consumer_lag", {"partition": "2"}) is None
 
 
+def _partition(**offsets: object) -> dict[str, object]:
+    """A partition of a librdkafka statistics document (2.x), caught up by default."""
+    p: dict[str, object] = {
+        "fetch_state": "active",
+        "fetchq_cnt": 0,
+        "ls_offset": 200,
+        "hi_offset": 200,
+        "next_offset": 200,
+        "app_offset": 200,
+        "committed_offset": -1001,
+        "consumer_lag": -1,
+    }
+    p.update(offsets)
+    return p
+
+
+def _lags(parts: dict[str, dict[str, object]]) -> dict[str, float | None]:
+    m = Metrics()
+    doc = {"topics": {"cdr.raw": {"partitions": parts}}}
+    m.update_from_stats(orjson.dumps(doc), "cdr.raw")
+    return {pid: sample(m, "cdranon_consumer_lag", {"partition": pid}) for pid in parts}
+
+
+def test_lag_is_zero_where_nothing_reached_the_application_and_nothing_is_left() -> None:
+    """app_offset stays unknown after an assignment or a seek until a record of the
+    partition is handed over: an empty partition, one rewound to its end (its batch had
+    committed after all), one assigned at its committed end. Nothing is left to read."""
+    lags = _lags(
+        {
+            # Never written to (the sticky partitioner can leave a partition empty).
+            "0": _partition(ls_offset=0, hi_offset=0, next_offset=0, app_offset=-1001),
+            # Rewound to its end; the committed offset read at assignment is stale
+            # (transactional commits do not update it): not 200 - 50 for ever.
+            "1": _partition(app_offset=-1001, committed_offset=50),
+            # Rewound to its end, no committed offset known at all.
+            "2": _partition(app_offset=-1001),
+        }
+    )
+    assert lags == {"0": 0, "1": 0, "2": 0}
+
+
+def test_lag_counts_records_fetched_but_not_yet_handed_over() -> None:
+    lags = _lags(
+        {
+            # A backlog: fetched up to 150, the application at 100, records queued.
+            "0": _partition(ls_offset=300, next_offset=150, app_offset=100, fetchq_cnt=50),
+            # Just assigned with a backlog: position unknown, the committed offset holds.
+            "1": _partition(
+                ls_offset=300,
+                next_offset=150,
+                app_offset=-1001,
+                committed_offset=70,
+                fetchq_cnt=80,
+            ),
+            # Still looking its start offset up: the committed offset holds.
+            "2": _partition(
+                fetch_state="offset-query",
+                ls_offset=90,
+                next_offset=-1001,
+                app_offset=-1001,
+                committed_offset=60,
+            ),
+        }
+    )
+    assert lags == {"0": 200, "1": 230, "2": 30}
+
+
+def test_lag_past_records_never_handed_over() -> None:
+    """An aborted transaction or a transaction marker at the end of the partition is
+    skipped by a read_committed consumer: it is not lag."""
+    assert _lags({"0": _partition(ls_offset=204, next_offset=204, app_offset=200)}) == {"0": 0}
+
+
+def test_revoked_partition_does_not_come_back_with_a_stale_lag() -> None:
+    """After a revocation librdkafka keeps reporting the partition (stopped), with its
+    last offsets and consumer_lag from the committed offset of its assignment."""
+    m = Metrics()
+
+    def doc(p0: dict[str, object]) -> bytes:
+        return orjson.dumps({"topics": {"cdr.raw": {"partitions": {"0": p0}}}})
+
+    assigned = _partition(ls_offset=11, next_offset=11, app_offset=5, fetchq_cnt=6)
+    m.update_from_stats(doc(assigned), "cdr.raw")
+    assert sample(m, "cdranon_consumer_lag", {"partition": "0"}) == 6
+    stopped = _partition(
+        fetch_state="stopped",
+        ls_offset=11,
+        next_offset=11,
+        app_offset=-1001,
+        committed_offset=10,
+        consumer_lag=1,
+    )
+    m.update_from_stats(doc(stopped), "cdr.raw")
+    assert sample(m, "cdranon_consumer_lag", {"partition": "0"}) is None
+
+
 def test_metrics_endpoint_serves_the_registry() -> None:
     m = Metrics()
     m.records_produced.labels("sealed").inc(7)
