@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 import orjson
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from tqdm import tqdm
 
@@ -42,9 +43,9 @@ from service.commands.common import (
 )
 from service.commands.run import add_config_flag
 from service.config import Settings, load_settings
-from service.errors import ConfigError
+from service.errors import ConfigError, KafkaFatalError
 from service.holds import FileHoldRegistry, HoldRegistry, HoldSecrets
-from service.kafka.clients import admin_config
+from service.kafka.clients import admin_config, kafka_error, passes
 from service.kafka.retention_store import KafkaHoldRegistry, KafkaMonthStore, Lease
 from service.kafka.topics import HOUR_MS, TopicManager, TopicNames
 from service.keystore import MasterKey, keystore_directory, load_master_key, open_keystore
@@ -55,6 +56,7 @@ from service.policy import load_policy
 from service.retention import Controller, FileMonthStore, Report, Status, holds_dir
 
 _LOG = logging.getLogger("cdranon.retention")
+_PROBE_TIMEOUT_S = 5.0  # one metadata request while waiting for the broker at start
 
 
 def _add_mode_flags(p: argparse.ArgumentParser) -> None:
@@ -349,33 +351,73 @@ def run_once(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def wait_for_broker(settings: Settings, stop: threading.Event) -> bool:
+    """Until the broker answers a metadata request: True then, False if ``stop`` is set
+    first. A broker that is away (not started yet, restarting, unreachable) is waited for
+    with the configured back-off, a ``broker_unavailable`` warning per attempt; an error
+    that waiting cannot cure (authentication, configuration) ends the run.
+
+    Broker mode opens the hold registry's and the audit log's topics at start: without
+    this, a controller started before its broker (a fresh deployment) exited.
+    """
+    admin = AdminClient(admin_config(settings))
+    delay = settings.retry.backoff_initial_s
+    while not stop.is_set():
+        try:
+            admin.list_topics(timeout=_PROBE_TIMEOUT_S)
+            return True
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if not passes(err):
+                raise KafkaFatalError(
+                    f"the broker refused the retention controller: {err.str()}"
+                ) from None
+            log_event(
+                _LOG,
+                "broker_unavailable",
+                level=logging.WARNING,
+                during="start",
+                code=err.name(),
+                error=err.str(),
+                retry_in_s=round(delay, 3),
+            )
+            stop.wait(delay)  # back-off, cut short by SIGTERM
+            delay = min(delay * 2, settings.retry.backoff_max_s)
+    return False
+
+
 def run_watch(args: argparse.Namespace) -> int:
     """Passes every interval until SIGTERM/SIGINT; in broker mode only while leader."""
     metrics = RetentionMetrics()
-    built = build(args, metrics)
-    settings = built.settings
-    setup_logging(settings.logging.level)
-    interval = args.interval if args.interval is not None else settings.retention.interval_s
     stop = threading.Event()
 
     def on_signal(_sig: int, _frame: FrameType | None) -> None:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    server = (
-        serve(metrics.registry, settings.metrics.host, settings.metrics.port)
-        if settings.metrics.enabled
-        else None
-    )
-    lease = built.lease() if built.lease is not None else None
-    passes = 0
+    server = None
+    built: Built | None = None
+    lease: Lease | None = None
     try:
+        settings = _settings(args)
+        setup_logging(settings.logging.level)
+        server = (
+            serve(metrics.registry, settings.metrics.host, settings.metrics.port)
+            if settings.metrics.enabled
+            else None
+        )
+        if args.out is None and not wait_for_broker(settings, stop):
+            return 0  # stopped before the broker came
+        built = build(args, metrics)
+        interval = args.interval if args.interval is not None else settings.retention.interval_s
+        lease = built.lease() if built.lease is not None else None
+        passes_done = 0
         while not stop.is_set():
             leader = lease.poll(1.0) if lease is not None else True
             if not leader:
                 continue
-            passes += _one_pass(built, lease)
-            if args.max_passes is not None and passes >= args.max_passes:
+            passes_done += _one_pass(built, lease)
+            if args.max_passes is not None and passes_done >= args.max_passes:
                 break
             # Wait for the interval, serving the group protocol meanwhile.
             waited = 0.0
@@ -391,7 +433,8 @@ def run_watch(args: argparse.Namespace) -> int:
             lease.close()
         if server is not None:
             server.close()
-        built.close()
+        if built is not None:
+            built.close()
         for s, h in old.items():
             signal.signal(s, h)
     return 0
