@@ -105,7 +105,7 @@ def _result(proc: subprocess.Popen[str], timeout_s: float = 120) -> str:
 
 
 def _topic(kafka_bootstrap: str) -> str:
-    return f"cdr.keys.{secrets.token_hex(5)}"
+    return f"cdr.keys.k{secrets.token_hex(5)}"
 
 
 def _raw_records(bootstrap: str, topic: str) -> list[tuple[str, bytes | None]]:

@@ -160,6 +160,9 @@ def test_exactly_once_settings_cannot_be_overridden(tmp_path: Path, key: str) ->
         ("[batch]\nmax_recordz = 5\n", "batch.max_recordz"),
         ('timezone = "Mars/Olympus"\n', "timezone"),
         ('[kafka]\ntopic_prefix = "bad prefix!"\n', "kafka.topic_prefix"),
+        # Ten digits in a row: the audit log would refuse the topic names at the first batch.
+        ('[kafka]\ntopic_prefix = "int-u-930478622962"\n', "kafka.topic_prefix"),
+        ('[kafka]\ninput_topic = "in.4477009001234"\n', "kafka.input_topic"),
         ("[topics]\nreplication_factor = 0\n", "topics.replication_factor"),
         ("[metrics]\nport = 70000\n", "metrics.port"),
     ],
@@ -181,3 +184,9 @@ def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(ValidationError):
         s.batch.max_records = 3
+
+
+def test_topic_prefix_digit_runs_next_to_letters_are_fine(tmp_path: Path) -> None:
+    for prefix in ("cdr", "tenant1234567890a", "u-930478x622962", "cdr-2026"):
+        text = f'[kafka]\ntopic_prefix = "{prefix}"\n'
+        assert load_settings(write(tmp_path, text)).kafka.topic_prefix == prefix
