@@ -62,7 +62,7 @@ def root_of_leaf_buffer(buf: bytes | bytearray) -> bytes:
 
 def root_of_hex_digests(digests: Sequence[str]) -> bytes:
     """The tree head over the leaves ``bytes.fromhex(d)`` of hex digests ("" is an empty
-    leaf): what the runner signs per batch and month topic."""
+    leaf): what ``cdranon process`` signs per line range of a month file."""
     native = native_merkle()
     if native is not None and digests:
         try:

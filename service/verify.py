@@ -490,7 +490,8 @@ def proof_for(
         k = hits[j]
         i = k - lo
         digests = [_leaf(v, added)[0] or _NO_DIGEST for v in values[lo:hi]]
-        _provable(cdr_id, values[k], added, digests, i, ev, f"the range of {ev.first}-{ev.last}")
+        where = f"the range of {ev.first}-{ev.last}"
+        proof = _provable(cdr_id, values[k], added, digests, i, ev, where)
         return {
             "cdr_id": cdr_id,
             "stream": stream,
@@ -499,7 +500,7 @@ def proof_for(
             "billing_digest": digests[i].hex(),
             "leaf_index": i,
             "tree_size": hi - lo,
-            "proof": [h.hex() for h in inclusion_proof(i, digests)],
+            "proof": [h.hex() for h in proof],
             "root": ev.root,
             "range": {"first": ev.first, "last": ev.last},
             "audit_event": {"writer": ev.writer, "seq": ev.seq},
@@ -520,8 +521,9 @@ def _provable(
     index: int,
     ev: RootEvent,
     where: str,
-) -> None:
-    """NoProofError unless the record is self-consistent and its audit path leads to the
+) -> list[bytes]:
+    """The record's audit path (RFC 9162 §2.1.3.1) in the range's tree of ``digests``;
+    NoProofError unless the record is self-consistent and that path leads to the
     signed root: a proof is never printed that a third party's check would refuse, or one
     for a record verify calls altered (a repeated key: the digest covers the last copy,
     other readers see the first)."""
@@ -536,6 +538,7 @@ def _provable(
             f"{where}, which holds record {cdr_id}, no longer hashes to its signed root "
             "(records of it altered, missing, extra or reordered): no proof"
         )
+    return proof
 
 
 def _cdr_id_of(value: bytes) -> str | None:
@@ -594,7 +597,7 @@ def proof_for_batch(
         if sorted(members) != list(range(ev.size)):
             return None
         digests = [_leaf(members[i], added)[0] or _NO_DIGEST for i in range(ev.size)]
-        _provable(cdr_id, value, added, digests, index, ev, f"batch {batch}")
+        proof = _provable(cdr_id, value, added, digests, index, ev, f"batch {batch}")
         doc = orjson.loads(value)
         return {
             "cdr_id": cdr_id,
@@ -604,7 +607,7 @@ def proof_for_batch(
             "billing_digest": digests[index].hex(),
             "leaf_index": index,
             "tree_size": ev.size,
-            "proof": [h.hex() for h in inclusion_proof(index, digests)],
+            "proof": [h.hex() for h in proof],
             "root": ev.root,
             "batch": batch,
             "audit_event": {"writer": ev.writer, "seq": ev.seq},

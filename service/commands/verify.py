@@ -190,8 +190,7 @@ def _run_topic(args: argparse.Namespace, settings: Any, added: frozenset[str]) -
         try:
             proof = proof_for_batch(args.record, args.topic, tagged, roots, added)
         except NoProofError as exc:
-            print(f"cdranon: {exc}; `cdranon verify` without --record says more", file=sys.stderr)
-            return 1
+            return _refused(exc)
         return _emit_proof(proof, args.record, events)
     reports = {args.topic: verify_batches(args.topic, tagged, roots, added)}
     _add_checkpoint_findings(reports, events)
@@ -268,11 +267,16 @@ def _print_proof(
         try:
             proof = proof_for(cdr_id, s, recs, roots.get(s, []), added)
         except NoProofError as exc:
-            print(f"cdranon: {exc}; `cdranon verify` without --record says more", file=sys.stderr)
-            return 1
+            return _refused(exc)
         if proof is not None:
             return _emit_proof(proof, cdr_id, events)
     return _emit_proof(None, cdr_id, events)
+
+
+def _refused(exc: NoProofError) -> int:
+    """No proof printed: why, on stderr; exit 1."""
+    print(f"cdranon: {exc}; `cdranon verify` without --record says more", file=sys.stderr)
+    return 1
 
 
 def _emit_proof(proof: dict[str, Any] | None, cdr_id: str, events: list[bytes]) -> int:

@@ -73,8 +73,16 @@ class Sent:
     position: dict[tuple[int, int], int]  # (partition, offset) -> index in values
 
 
-def produce_input(bootstrap: str, topic: str, values: Sequence[bytes]) -> Sent:
-    """Write ``values`` to ``topic`` (idempotent producer, keyless); wait for every ack."""
+def produce_input(
+    bootstrap: str, topic: str, values: Sequence[bytes], partitions: int | None = None
+) -> Sent:
+    """Write ``values`` to ``topic`` (idempotent producer, keyless); wait for every ack.
+
+    Keyless records go through librdkafka's sticky partitioner, which sends a burst to one
+    partition (9,995 of a chunk of 10,000 in one run). ``partitions``: write round-robin
+    over ``0..partitions-1`` instead (value i to partition i % partitions), for a scenario
+    in which every member of a group must get work from a chunk.
+    """
     producer = Producer(
         {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20}
     )
@@ -93,10 +101,13 @@ def produce_input(bootstrap: str, topic: str, values: Sequence[bytes]) -> Sent:
     for i, v in enumerate(values):
         while True:
             try:
-                producer.produce(topic, v, on_delivery=make_cb(i))
+                if partitions is None:
+                    producer.produce(topic, v, on_delivery=make_cb(i))
+                else:
+                    producer.produce(topic, v, partition=i % partitions, on_delivery=make_cb(i))
                 break
             except BufferError:
-                producer.poll(0.1)
+                producer.poll(0.1)  # the queue is full: serve delivery reports
         producer.poll(0)
     assert producer.flush(60) == 0, "input not fully acknowledged"
     assert not errors, errors[:3]
@@ -157,7 +168,8 @@ def write_config(
 
 
 class Processor:
-    """One ``cdranon run`` subprocess with its log lines collected."""
+    """One ``cdranon run`` subprocess (or another ``command`` of the CLI taking
+    ``--config``) with its log lines collected."""
 
     def __init__(
         self,
@@ -166,15 +178,17 @@ class Processor:
         name: str = "p",
         *,
         prefix_cmd: Sequence[str] = (),
+        command: Sequence[str] = ("run",),
     ) -> None:
         """``prefix_cmd``: a command the processor runs under, e.g. ``setpriv --reuid=...``
-        to run it as an unprivileged user (root ignores file modes)."""
+        to run it as an unprivileged user (root ignores file modes). ``command``: the CLI
+        command and its flags, e.g. ``("retention", "watch", "--max-passes", "1")``."""
         self.name = name
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [*prefix_cmd, sys.executable, "-m", "service.cli", "run", "--config", str(config)],
+            [*prefix_cmd, sys.executable, "-m", "service.cli", *command, "--config", str(config)],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=subprocess.DEVNULL,
@@ -219,6 +233,19 @@ class Processor:
                 if d.get("event") in kinds:
                     return int(d["assigned"])
         return 0
+
+    def owned_partitions(self) -> set[int]:
+        """The partitions it owns after its rebalance events so far (cooperative-sticky:
+        ``partitions_assigned`` adds, ``partitions_revoked`` / ``partitions_lost`` remove)."""
+        owned: set[int] = set()
+        with self._cond:
+            for d in self.lines:
+                ev = d.get("event")
+                if ev == "partitions_assigned":
+                    owned |= set(d["partitions"])
+                elif ev in ("partitions_revoked", "partitions_lost"):
+                    owned -= set(d["partitions"])
+        return owned
 
     def summary(self) -> str:
         """A short state line for assertion messages: alive, commits, ownership, last lines."""
@@ -384,7 +411,16 @@ def committed_total(
 
 def _committed_total(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    parts = sorted(admin.list_topics(topic=topic, timeout=10).topics[topic].partitions)
+    parts = admin.list_topics(topic=topic, timeout=10).topics[topic].partitions
+    progress = group_progress(bootstrap, group, topic, parts)
+    return sum(done for done, _ in progress.values()), sum(high for _, high in progress.values())
+
+
+def group_progress(
+    bootstrap: str, group: str, topic: str, partitions: Iterable[int]
+) -> dict[int, tuple[int, int]]:
+    """``{partition: (committed offset of the group, high watermark)}``; a partition with
+    no committed offset counts 0."""
     c = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -397,10 +433,12 @@ def _committed_total(bootstrap: str, group: str, topic: str) -> tuple[int, int]:
         }
     )
     try:
-        tps = [TopicPartition(topic, p) for p in parts]
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         committed = c.committed(tps, timeout=15)
-        high = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
-        return sum(max(0, tp.offset) for tp in committed), high
+        return {
+            tp.partition: (max(0, tp.offset), c.get_watermark_offsets(tp, timeout=10)[1])
+            for tp in committed
+        }
     finally:
         c.close()
 

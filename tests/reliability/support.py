@@ -1,5 +1,4 @@
-"""Shared pieces of the reliability suite: scale, leak scanning, input spread over
-partitions, group progress per partition, and dedicated brokers.
+"""Shared pieces of the reliability suite: scale, leak scanning, and dedicated brokers.
 
 A :class:`DedicatedBroker` is a single-node KRaft broker of one test, in its own directory
 and on a port it keeps across restarts (``kafka.sh start`` re-formats its storage on every
@@ -18,15 +17,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from service.devkafka import kafka_script
-from tests.integration.run_support import Processor, Sent
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,85 +115,6 @@ def wait_until(what: str, cond: object, timeout_s: float, every_s: float = 0.2) 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout_s}s")
         time.sleep(every_s)  # polling an external process's state, deadline-bounded
-
-
-# -- input and group progress per partition ---------------------------------------------
-
-
-def produce_spread(bootstrap: str, topic: str, values: Sequence[bytes], partitions: int) -> Sent:
-    """Write ``values`` round-robin over partitions ``0..partitions-1`` (value i to partition
-    i % partitions), idempotent producer, every ack waited for.
-
-    Keyless records (``produce_input``) go through librdkafka's sticky partitioner, which
-    sends a burst to one partition: 9,995 of a chunk of 10,000 landed in one partition in a
-    run, so a member owning other partitions got nothing of it. A scenario that needs every
-    member to have work from a chunk writes it with this.
-    """
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20}
-    )
-    position: dict[tuple[int, int], int] = {}
-    errors: list[str] = []
-
-    def make_cb(i: int) -> Callable[[KafkaError | None, Message], None]:
-        def cb(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                errors.append(err.str())
-            else:
-                position[(msg.partition() or 0, msg.offset() or 0)] = i
-
-        return cb
-
-    for i, v in enumerate(values):
-        while True:
-            try:
-                producer.produce(topic, v, partition=i % partitions, on_delivery=make_cb(i))
-                break
-            except BufferError:
-                producer.poll(0.1)  # the queue is full: serve delivery reports
-        producer.poll(0)
-    assert producer.flush(60) == 0, "input not fully acknowledged"
-    assert not errors, errors[:3]
-    assert len(position) == len(values)
-    return Sent(list(values), position)
-
-
-def owned_partitions(p: Processor, topic: str | None = None) -> set[int]:
-    """The partitions ``p`` owns after its rebalance events so far (cooperative-sticky:
-    ``partitions_assigned`` adds, ``partitions_revoked`` / ``partitions_lost`` remove)."""
-    owned: set[int] = set()
-    for d in list(p.lines):
-        ev = d.get("event")
-        if ev == "partitions_assigned":
-            owned |= set(d["partitions"])
-        elif ev in ("partitions_revoked", "partitions_lost"):
-            owned -= set(d["partitions"])
-    return owned
-
-
-def group_progress(
-    bootstrap: str, group: str, topic: str, partitions: Iterable[int]
-) -> dict[int, tuple[int, int]]:
-    """``{partition: (committed offset of the group, high watermark)}``; a partition with
-    no committed offset counts 0. read_uncommitted: a killed member's open transaction
-    does not hold the answer back."""
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "isolation.level": "read_uncommitted",
-        }
-    )
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        committed = c.committed(tps, timeout=15)
-        return {
-            tp.partition: (max(0, tp.offset), c.get_watermark_offsets(tp, timeout=10)[1])
-            for tp in committed
-        }
-    finally:
-        c.close()
 
 
 def free_port() -> int:

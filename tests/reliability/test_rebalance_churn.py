@@ -28,7 +28,9 @@ from tests.integration.run_support import (
     Processor,
     check_invariants,
     committed_total,
+    group_progress,
     join_sent,
+    produce_input,
     read_outputs,
     recent_months,
     wait_all_committed,
@@ -40,13 +42,7 @@ from tests.reliability.streams import (
     order_violations,
     split_outputs,
 )
-from tests.reliability.support import (
-    Scale,
-    group_progress,
-    owned_partitions,
-    produce_spread,
-    wait_until,
-)
+from tests.reliability.support import Scale, wait_until
 
 PARTITIONS = 6
 MAX_RECORDS = 200  # per batch
@@ -68,7 +64,7 @@ def full_batch_committed(
             k += 1
     except AssertionError as exc:
         raise AssertionError(
-            f"{exc}\n{p.name} owns {sorted(mine)} (log: {sorted(owned_partitions(p))}), "
+            f"{exc}\n{p.name} owns {sorted(mine)} (log: {sorted(p.owned_partitions())}), "
             f"committed {p.count('batch_committed') - after} batches since the chunk, "
             f"alive={p.proc.poll() is None}, (committed, end) by partition: {progress()}"
             f"\n{p.story()}\nlast lines: {p.raw[-20:]}"
@@ -101,11 +97,11 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
             now=now_utc(),
         )
     )
-    sent = produce_spread(kafka_bootstrap, names.raw, pool[:n], PARTITIONS)
+    sent = produce_input(kafka_bootstrap, names.raw, pool[:n], PARTITIONS)
 
     def feed(size: int = n) -> None:
         nonlocal sent
-        more = produce_spread(
+        more = produce_input(
             kafka_bootstrap, names.raw, pool[len(sent.values) :][:size], PARTITIONS
         )
         sent = join_sent(sent, more)
@@ -149,7 +145,7 @@ def test_scale_one_three_one_with_a_kill_mid_batch(
                 time.sleep(0.5)  # pacing of the trickle, not a wait for an outcome
             steps.append(f"3 members@{committed_total(kafka_bootstrap, group, names.raw)[0]}")
             victim, leaver = extra
-            mine = owned_partitions(victim)
+            mine = victim.owned_partitions()
             assert mine, victim.summary()
             # Kill the victim right after it committed a full batch of this chunk: it then
             # has more input of its own and is in the next batch. Counted from before the
